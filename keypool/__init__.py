@@ -1,0 +1,72 @@
+"""keypool: a pool of API keys per provider, a circuit breaker per key, and routing that fails over.
+
+The public API is everything in ``__all__``; modules starting with ``_`` are private.
+"""
+
+from ._breaker import BreakerSnapshot, BreakerState, CircuitBreaker, OpenReason, Permit, Transition
+from ._clock import Clock, MonotonicClock
+from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, fingerprint
+from ._errors import (
+    ConfigError,
+    KeyPoolError,
+    LoadShed,
+    NoKeyAvailable,
+    StreamInterrupted,
+    UnknownKeyError,
+    UnknownProviderError,
+)
+from ._events import (
+    BackupTierChanged,
+    CallRecorded,
+    CallRejected,
+    Hook,
+    KeyStateChanged,
+    PoolEvent,
+)
+from ._outcome import Outcome, OutcomeKind, classify_exception, classify_status, parse_retry_after
+from ._pool import Capacity, CapacityStatus, KeyPool, Lease, TierCapacity
+from ._transport import KeyPoolTransport, SyncKeyPoolTransport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackupTierChanged",
+    "BreakerConfig",
+    "BreakerSnapshot",
+    "BreakerState",
+    "CallRecorded",
+    "CallRejected",
+    "Capacity",
+    "CapacityStatus",
+    "CircuitBreaker",
+    "Clock",
+    "ConfigError",
+    "Hook",
+    "KeyPool",
+    "KeyPoolError",
+    "KeyPoolTransport",
+    "KeySpec",
+    "KeyStateChanged",
+    "Lease",
+    "LoadShed",
+    "MonotonicClock",
+    "NoKeyAvailable",
+    "OpenReason",
+    "Outcome",
+    "OutcomeKind",
+    "Permit",
+    "PoolConfig",
+    "PoolEvent",
+    "ProviderConfig",
+    "StreamInterrupted",
+    "SyncKeyPoolTransport",
+    "TierCapacity",
+    "Transition",
+    "UnknownKeyError",
+    "UnknownProviderError",
+    "__version__",
+    "classify_exception",
+    "classify_status",
+    "fingerprint",
+    "parse_retry_after",
+]

@@ -1,0 +1,458 @@
+"""CircuitBreaker: a pure state machine per key, driven by an injected clock.
+
+It does no I/O, never awaits and holds no lock: the pool serialises access to it and never holds
+its own lock across a call to the network. Transitions are lazy: OPEN becomes HALF_OPEN when its
+deadline passes, computed from the clock whenever the breaker is touched, and :meth:`state` is a
+pure read. Transitions are recorded with the instant they really happened, even when they are only
+noticed later, and handed out by :meth:`drain_transitions`.
+
+Outcomes carry the :class:`Permit` that admitted the call. A permit from an earlier *generation*
+(the breaker changed state since the call started) no longer moves the state: a late failure of a
+call that started before a trip cannot re-open a breaker that has since begun to probe.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._config import BreakerConfig
+
+__all__ = [
+    "BreakerSnapshot",
+    "BreakerState",
+    "CircuitBreaker",
+    "OpenReason",
+    "Permit",
+    "Transition",
+]
+
+
+class BreakerState(enum.IntEnum):
+    """A breaker's state; the value is the ``circuit_breaker_state`` metric (0, 1, 2)."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+    @property
+    def label(self) -> str:
+        """The lower-case name used in stats, metric labels and the admin API."""
+        return self.name.lower()
+
+
+class OpenReason(enum.StrEnum):
+    """Why a key is (or last was) out of service."""
+
+    FAILURES = "failures"  # failure_threshold consecutive failures
+    TRIAL_FAILED = "trial_failed"  # a half-open trial failed
+    THROTTLED = "throttled"  # 429: out until the Retry-After instant
+    REJECTED = "rejected"  # 401/403: quarantined
+    QUOTA = "quota"  # 402 / insufficient balance: quarantined
+    MANUAL = "manual"  # an operator took it out
+
+
+QUARANTINE_REASONS = frozenset({OpenReason.REJECTED, OpenReason.QUOTA, OpenReason.MANUAL})
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """The right to make one call; hand it back with exactly one outcome."""
+
+    generation: int
+    trial: bool
+    token: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of a breaker's effective state, stamped with when it happened."""
+
+    old: BreakerState
+    new: BreakerState
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """Everything observable about a breaker at one instant (a pure read)."""
+
+    state: BreakerState
+    failure_count: int
+    success_count: int
+    trials_in_flight: int
+    open_reason: OpenReason | None
+    quarantined: bool
+    throttled_until: float | None
+    next_transition_at: float | None
+    admits_at: float | None
+    since: float
+    trips: int
+    total_successes: int
+    total_failures: int
+
+
+_tokens = itertools.count(1)
+
+
+class CircuitBreaker:
+    """One key's breaker with the runbook's semantics.
+
+    CLOSED: calls flow; ``failure_threshold`` consecutive failures open it.
+    OPEN: no calls until ``timeout`` (grown by ``backoff_multiplier`` per consecutive trip, capped
+    by ``max_timeout``, plus jitter) has passed, then HALF_OPEN.
+    HALF_OPEN: at most ``half_open_max_calls`` trials at once; ``success_threshold`` successes
+    close it, any failure opens it again. A trial that never reports back frees its slot after
+    ``probe_timeout``.
+    Quarantine (rejected or exhausted keys) is OPEN with no automatic way back: only :meth:`reset`.
+    Throttling (429) lays OPEN over the state until the Retry-After instant; a later throttle may
+    extend that instant, never shorten it.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_config",
+        "_failures",
+        "_generation",
+        "_open_reason",
+        "_open_until",
+        "_pending",
+        "_quarantined",
+        "_random",
+        "_reported",
+        "_reported_since",
+        "_since",
+        "_state",
+        "_streak",
+        "_successes",
+        "_throttled_until",
+        "_time_in",
+        "_total_failures",
+        "_total_successes",
+        "_trials",
+        "_trips",
+    )
+
+    def __init__(
+        self,
+        config: BreakerConfig | None = None,
+        *,
+        clock: Callable[[], float],
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._config = config or BreakerConfig()
+        self._clock = clock
+        self._random = rng
+        now = clock()
+        self._state = BreakerState.CLOSED
+        self._since = now
+        self._open_until = 0.0
+        self._open_reason: OpenReason | None = None
+        self._quarantined = False
+        self._throttled_until = 0.0
+        self._failures = 0
+        self._successes = 0
+        self._trials: dict[int, float] = {}
+        self._generation = 0
+        self._streak = 0  # consecutive trips without a close in between
+        self._trips = 0
+        self._total_failures = 0
+        self._total_successes = 0
+        self._reported = BreakerState.CLOSED
+        self._reported_since = now
+        self._time_in = [0.0, 0.0, 0.0]
+        self._pending: list[Transition] = []
+
+    # ------------------------------------------------------------------ pure reads
+
+    @property
+    def config(self) -> BreakerConfig:
+        return self._config
+
+    @property
+    def failure_count(self) -> int:
+        """Consecutive failures counted in the current CLOSED period."""
+        return self._failures
+
+    @property
+    def quarantined(self) -> bool:
+        return self._quarantined
+
+    @property
+    def throttled_until(self) -> float:
+        """The Retry-After instant of the last 429 (0.0 if never throttled); may be in the past."""
+        return self._throttled_until
+
+    def state(self, now: float | None = None) -> BreakerState:
+        """The effective state at ``now`` (default: the clock's now). Changes nothing."""
+        t = self._clock() if now is None else now
+        if self._quarantined or self._throttled_until > t:
+            return BreakerState.OPEN
+        if self._state is BreakerState.OPEN and t >= self._open_until:
+            return BreakerState.HALF_OPEN
+        return self._state
+
+    def admits_at(self, now: float | None = None) -> float | None:
+        """The earliest instant a call could be admitted (``now`` if it could be now).
+
+        ``None`` means never by itself: the key is quarantined.
+        """
+        t = self._clock() if now is None else now
+        if self._quarantined:
+            return None
+        at = t
+        if self._state is BreakerState.OPEN:
+            at = max(at, self._open_until)
+        at = max(at, self._throttled_until)
+        if at == t and self._state is BreakerState.HALF_OPEN:
+            live = [exp for exp in self._trials.values() if exp > t]
+            if len(live) >= self._config.half_open_max_calls:
+                at = min(live)
+        return at
+
+    def can_admit(self, now: float | None = None) -> bool:
+        t = self._clock() if now is None else now
+        return self.admits_at(t) == t
+
+    def next_transition_at(self, now: float | None = None) -> float | None:
+        """When the effective state will next change by the passing of time alone, if ever."""
+        t = self._clock() if now is None else now
+        if self._quarantined:
+            return None
+        candidates = []
+        if self._throttled_until > t:
+            candidates.append(self._throttled_until)
+        if self._state is BreakerState.OPEN and self._open_until > t:
+            candidates.append(self._open_until)
+        if not candidates:
+            return None
+        # While throttled over an open breaker, the visible state changes only when both passed.
+        return max(candidates) if self._throttled_until > t else min(candidates)
+
+    def trials_in_flight(self, now: float | None = None) -> int:
+        t = self._clock() if now is None else now
+        if self.state(t) is not BreakerState.HALF_OPEN or self._state is not BreakerState.HALF_OPEN:
+            return 0
+        return sum(1 for exp in self._trials.values() if exp > t)
+
+    def snapshot(self, now: float | None = None) -> BreakerSnapshot:
+        t = self._clock() if now is None else now
+        state = self.state(t)
+        lazily_half_open = self._state is BreakerState.OPEN and state is BreakerState.HALF_OPEN
+        return BreakerSnapshot(
+            state=state,
+            failure_count=self._failures,
+            success_count=0 if lazily_half_open else self._successes,
+            trials_in_flight=self.trials_in_flight(t),
+            open_reason=self._open_reason,
+            quarantined=self._quarantined,
+            throttled_until=self._throttled_until if self._throttled_until > t else None,
+            next_transition_at=self.next_transition_at(t),
+            admits_at=self.admits_at(t),
+            since=self._reported_since if state is self._reported else self._lazy_since(t),
+            trips=self._trips,
+            total_successes=self._total_successes,
+            total_failures=self._total_failures,
+        )
+
+    def time_in_states(self, now: float | None = None) -> tuple[float, float, float]:
+        """Seconds spent in CLOSED, HALF_OPEN and OPEN so far (transitions noticed so far)."""
+        t = self._clock() if now is None else now
+        spent = list(self._time_in)
+        spent[self._reported] += max(0.0, t - self._reported_since)
+        return spent[0], spent[1], spent[2]
+
+    def _lazy_since(self, now: float) -> float:
+        if self._throttled_until and self._throttled_until <= now:
+            return self._throttled_until
+        return self._open_until
+
+    # ------------------------------------------------------------------ transitions log
+
+    def drain_transitions(self) -> list[Transition]:
+        """Transitions noticed since the last call, oldest first."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def poll(self) -> None:
+        """Materialise transitions that time alone has caused (for observers, e.g. metrics)."""
+        self._settle(self._clock())
+
+    def _note(self, at: float, reason: str) -> None:
+        now_state = self.state(at)
+        if now_state is not self._reported:
+            self._time_in[self._reported] += max(0.0, at - self._reported_since)
+            self._pending.append(Transition(self._reported, now_state, at, reason))
+            self._reported = now_state
+            self._reported_since = at
+
+    def _settle(self, now: float) -> None:
+        """Apply what time has done: OPEN→HALF_OPEN, throttle expiry, expired trial slots."""
+        while True:
+            due: list[tuple[float, str]] = []
+            if self._state is BreakerState.OPEN and not self._quarantined and self._open_until <= now:
+                due.append((self._open_until, "open"))
+            if self._throttled_until and self._throttled_until <= now:
+                due.append((self._throttled_until, "throttle"))
+            if not due:
+                break
+            at, what = min(due)
+            if what == "open":
+                self._state = BreakerState.HALF_OPEN
+                self._since = at
+                self._generation += 1
+                self._successes = 0
+                self._trials.clear()
+                self._note(at, "timeout_elapsed")
+            else:
+                self._throttled_until = 0.0
+                self._note(at, "retry_after_elapsed")
+        if self._trials:
+            for token in [tok for tok, exp in self._trials.items() if exp <= now]:
+                del self._trials[token]
+
+    # ------------------------------------------------------------------ admission and outcomes
+
+    def try_acquire(self) -> Permit | None:
+        """Admit one call, or return ``None`` if the breaker refuses it now."""
+        now = self._clock()
+        self._settle(now)
+        if self._quarantined or self._throttled_until > now:
+            return None
+        if self._state is BreakerState.CLOSED:
+            return Permit(self._generation, trial=False)
+        if self._state is BreakerState.HALF_OPEN:
+            if len(self._trials) >= self._config.half_open_max_calls:
+                return None
+            token = next(_tokens)
+            self._trials[token] = now + self._config.probe_timeout
+            return Permit(self._generation, trial=True, token=token)
+        return None
+
+    def _finish(self, permit: Permit) -> bool:
+        """Free the permit's slot; True if its outcome may still move the state."""
+        now = self._clock()
+        self._settle(now)
+        if permit.trial:
+            self._trials.pop(permit.token, None)
+        return permit.generation == self._generation and not self._quarantined
+
+    def record_success(self, permit: Permit) -> None:
+        self._total_successes += 1
+        if not self._finish(permit):
+            return
+        if self._state is BreakerState.CLOSED:
+            self._failures = 0
+        elif self._state is BreakerState.HALF_OPEN and permit.trial:
+            self._successes += 1
+            if self._successes >= self._config.success_threshold:
+                self._close(self._clock(), "trial_succeeded")
+
+    def record_failure(self, permit: Permit) -> None:
+        self._total_failures += 1
+        if not self._finish(permit):
+            return
+        now = self._clock()
+        if self._state is BreakerState.CLOSED:
+            self._failures += 1
+            if self._failures >= self._config.failure_threshold:
+                self._trip(now, OpenReason.FAILURES)
+        elif self._state is BreakerState.HALF_OPEN and permit.trial:
+            self._trip(now, OpenReason.TRIAL_FAILED)
+
+    def release(self, permit: Permit) -> None:
+        """Hand a permit back without an outcome (caller error, cancellation, ignored result)."""
+        self._finish(permit)
+
+    def throttle(self, retry_after: float | None, permit: Permit | None = None) -> float:
+        """Keep the key out for ``retry_after`` seconds (clamped); returns the instant it is back."""
+        if permit is not None:
+            self._finish(permit)
+        now = self._clock()
+        self._settle(now)
+        cfg = self._config
+        wait = cfg.default_retry_after if retry_after is None or retry_after < 0 else retry_after
+        until = now + min(wait, cfg.max_retry_after)
+        if until > self._throttled_until:
+            if self._throttled_until <= now and not self._quarantined:
+                self._trips += 1
+                self._open_reason = OpenReason.THROTTLED
+            self._throttled_until = until
+            self._note(now, OpenReason.THROTTLED.value)
+        return self._throttled_until
+
+    def quarantine(self, reason: OpenReason, permit: Permit | None = None) -> None:
+        """Take the key out until :meth:`reset`: it never half-opens by itself."""
+        if permit is not None:
+            self._finish(permit)
+        now = self._clock()
+        self._settle(now)
+        if self._quarantined:
+            return
+        self._quarantined = True
+        self._state = BreakerState.OPEN
+        self._open_reason = reason
+        self._since = now
+        self._generation += 1
+        self._failures = 0
+        self._successes = 0
+        self._trials.clear()
+        self._trips += 1
+        self._note(now, reason.value)
+
+    def reset(self) -> None:
+        """Close the breaker and forget throttles, quarantine and the trip streak."""
+        now = self._clock()
+        self._settle(now)
+        self._quarantined = False
+        self._throttled_until = 0.0
+        self._open_reason = None
+        self._streak = 0
+        self._close(now, "reset")
+
+    def update_config(self, config: BreakerConfig) -> None:
+        """Swap the settings, keeping state; new thresholds and timeouts apply from the next event."""
+        self._config = config
+
+    def force_open(self, reason: OpenReason = OpenReason.FAILURES) -> None:
+        """Trip now, as if the threshold were reached (tests and operators)."""
+        now = self._clock()
+        self._settle(now)
+        self._trip(now, reason)
+
+    # ------------------------------------------------------------------ internal moves
+
+    def _trip(self, now: float, reason: OpenReason) -> None:
+        cfg = self._config
+        self._streak += 1
+        duration = min(cfg.timeout * cfg.backoff_multiplier ** (self._streak - 1), cfg.max_timeout)
+        if cfg.jitter:
+            duration += duration * cfg.jitter * self._random()
+        self._state = BreakerState.OPEN
+        self._open_until = now + duration
+        self._open_reason = reason
+        self._since = now
+        self._generation += 1
+        self._failures = 0
+        self._successes = 0
+        self._trials.clear()
+        self._trips += 1
+        self._note(now, reason.value)
+
+    def _close(self, now: float, reason: str) -> None:
+        self._state = BreakerState.CLOSED
+        self._since = now
+        self._generation += 1
+        self._failures = 0
+        self._successes = 0
+        self._streak = 0
+        self._trials.clear()
+        self._note(now, reason)
+
+    def __repr__(self) -> str:
+        snap = self.snapshot()
+        return f"CircuitBreaker(state={snap.state.label}, failures={snap.failure_count}, trips={snap.trips})"

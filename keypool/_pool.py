@@ -1,0 +1,797 @@
+"""KeyPool: providers -> tiers -> keys, weighted selection, leases, capacity and admin operations.
+
+The pool does no I/O. One lock guards its state and is held only for the few microseconds of a
+pick or a record, never across a call, so the same pool serves async tasks and threads at once.
+Picks cost O(log n) in the number of keys: eligible keys live in a weighted sampler, and keys that
+will change by the passing of time alone (open -> half-open, throttle expiry) sit in a heap that is
+drained lazily when the pool is next used.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from pydantic import SecretStr
+
+from ._breaker import BreakerState, CircuitBreaker, OpenReason, Permit
+from ._clock import Clock, MonotonicClock
+from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, Tier, validate
+from ._errors import ConfigError, NoKeyAvailable, UnknownKeyError, UnknownProviderError
+from ._events import (
+    BackupTierChanged,
+    CallRecorded,
+    CallRejected,
+    Hook,
+    KeyStateChanged,
+    PoolEvent,
+)
+from ._outcome import IGNORED, SUCCESS, Outcome, OutcomeKind, classify_exception
+from ._sampler import WeightedSampler
+
+__all__ = ["Capacity", "CapacityStatus", "KeyPool", "Lease", "TierCapacity"]
+
+log = logging.getLogger("keypool")
+
+CapacityStatus = Literal["healthy", "degraded", "critical", "down"]
+_WEIGHT_SCALE = 1000  # weights become integers in thousandths: exact sums in the sampler
+_BUSY_POLL = 0.005  # seconds between looks when every key is merely busy (no known instant)
+_CATEGORIES = ("closed", "half_open", "open", "throttled", "quarantined")
+
+
+@dataclass(frozen=True, slots=True)
+class TierCapacity:
+    """Counts for one tier of one provider."""
+
+    total: int
+    closed: int
+    half_open: int
+    open: int
+    throttled: int
+    quarantined: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """How much of a provider can take calls now, for code (the runbook asks Grafana the same).
+
+    ``open`` counts every key that refuses calls (tripped, throttled or quarantined); the latter two
+    are also counted on their own. ``healthy_share`` is the share of all keys that are closed.
+    ``status``: ``down`` when no key can take a call, ``critical`` when at most half the keys are
+    closed (the runbook's "majority open"), ``degraded`` when any key is not closed.
+    ``next_recovery_in`` is the number of seconds until the soonest key should be back, if known.
+    """
+
+    provider: str
+    total: int
+    closed: int
+    half_open: int
+    open: int
+    throttled: int
+    quarantined: int
+    in_flight: int
+    healthy_share: float
+    status: CapacityStatus
+    backup_active: bool
+    backup_forced: bool | None
+    next_recovery_in: float | None
+    primary: TierCapacity
+    backup: TierCapacity
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "status": self.status,
+            "total": self.total,
+            "closed": self.closed,
+            "half_open": self.half_open,
+            "open": self.open,
+            "throttled": self.throttled,
+            "quarantined": self.quarantined,
+            "in_flight": self.in_flight,
+            "healthy_share": round(self.healthy_share, 6),
+            "backup_active": self.backup_active,
+            "backup_forced": self.backup_forced,
+            "next_recovery_in": self.next_recovery_in,
+            "primary": _tier_dict(self.primary),
+            "backup": _tier_dict(self.backup),
+        }
+
+
+def _tier_dict(tier: TierCapacity) -> dict[str, int]:
+    return {name: getattr(tier, name) for name in TierCapacity.__slots__}
+
+
+class _Key:
+    __slots__ = (
+        "breaker",
+        "category",
+        "eligible",
+        "id",
+        "in_flight",
+        "index",
+        "override",
+        "provider",
+        "removed",
+        "scheduled_at",
+        "spec",
+        "tier",
+        "units",
+    )
+
+    def __init__(self, provider: _Provider, spec: KeySpec, breaker: CircuitBreaker) -> None:
+        self.provider = provider
+        self.spec = spec
+        self.id = spec.id
+        self.tier = provider.tiers[spec.tier]
+        self.units = max(1, round(spec.weight * _WEIGHT_SCALE))
+        self.breaker = breaker
+        self.in_flight = 0
+        self.eligible = 0
+        self.category = "closed"
+        self.scheduled_at: float | None = None
+        self.removed = False
+        self.override: BreakerConfig | None = None
+        self.index = self.tier.sampler.append(0)
+        self.tier.keys.append(self)
+        self.tier.counts["closed"] += 1
+
+    def category_at(self, now: float) -> str:
+        b = self.breaker
+        state = b.state(now)
+        if state is BreakerState.OPEN:
+            if b.quarantined:
+                return "quarantined"
+            return "throttled" if b.throttled_until > now else "open"
+        return state.label
+
+    def admits(self, now: float) -> bool:
+        if self.removed or not self.breaker.can_admit(now):
+            return False
+        cap = self.spec.max_concurrency
+        if cap is not None and self.in_flight >= cap:
+            return False
+        # Lean away from a failing key: never more calls in flight than failures it has left
+        # before tripping, so a dead key wastes at most failure_threshold calls per trip.
+        failures = self.breaker.failure_count if self.in_flight else 0
+        if failures:
+            left = self.breaker.config.failure_threshold - failures
+            return self.in_flight < max(1, left)
+        return True
+
+
+class _Tier:
+    __slots__ = ("counts", "in_flight", "keys", "name", "sampler")
+
+    def __init__(self, name: Tier) -> None:
+        self.name = name
+        self.keys: list[_Key] = []
+        self.sampler = WeightedSampler()
+        self.counts = dict.fromkeys(_CATEGORIES, 0)
+        self.in_flight = 0
+
+    def capacity(self) -> TierCapacity:
+        return TierCapacity(
+            total=sum(self.counts.values()),
+            closed=self.counts["closed"],
+            half_open=self.counts["half_open"],
+            open=self.counts["open"],
+            throttled=self.counts["throttled"],
+            quarantined=self.counts["quarantined"],
+            in_flight=self.in_flight,
+        )
+
+
+class _Provider:
+    __slots__ = ("backup_active", "backup_forced", "config", "heap", "keys", "name", "tiers")
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.config = config
+        self.tiers: dict[str, _Tier] = {"primary": _Tier("primary"), "backup": _Tier("backup")}
+        self.keys: dict[str, _Key] = {}
+        self.heap: list[tuple[float, int, _Key]] = []
+        self.backup_forced: bool | None = None
+        self.backup_active = False
+
+
+_heap_seq = iter(range(1 << 62))
+
+
+class Lease:
+    """One key, leased for one call. Report exactly one outcome; later reports are ignored.
+
+    Use it as a context manager: a clean exit records success, an exception is classified (a
+    cancellation or a bug in the caller's code counts against nothing), and an explicit
+    :meth:`record` inside the block wins over both.
+    """
+
+    __slots__ = ("_done", "_permit", "_pool", "_started", "key", "provider")
+
+    def __init__(self, pool: KeyPool, key: _Key, permit: Permit, started: float) -> None:
+        self._pool = pool
+        self.key = key
+        self.provider = key.provider.name
+        self._permit = permit
+        self._started = started
+        self._done = False
+
+    @property
+    def key_id(self) -> str:
+        return self.key.id
+
+    @property
+    def tier(self) -> Tier:
+        return self.key.spec.tier
+
+    @property
+    def secret(self) -> SecretStr:
+        return self.key.spec.secret
+
+    @property
+    def trial(self) -> bool:
+        return self._permit.trial
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def record(self, outcome: Outcome) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._pool._record(self, self._permit, outcome, self._started)
+
+    def success(self) -> None:
+        self.record(SUCCESS)
+
+    def failure(self, detail: str = "") -> None:
+        self.record(Outcome(OutcomeKind.FAILURE, detail=detail))
+
+    def release(self) -> None:
+        """Give the key back without an outcome."""
+        self.record(IGNORED)
+
+    def _exit(self, exc: BaseException | None) -> None:
+        self.record(SUCCESS if exc is None else classify_exception(exc))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._exit(exc)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._exit(exc)
+
+    def __repr__(self) -> str:
+        return f"Lease(provider={self.provider!r}, key_id={self.key_id!r}, done={self._done})"
+
+
+class KeyPool:
+    """Keys per provider, a breaker per key, and the choice of which key serves the next call.
+
+    Build it from a :class:`PoolConfig` (or a mapping of the same shape), or start empty and call
+    :meth:`add_provider`. ``clock`` is injectable so tests run on a fake clock; ``hooks`` receive
+    every :mod:`event <keypool._events>`.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig | Mapping[str, Any] | None = None,
+        *,
+        clock: Clock | None = None,
+        hooks: Iterable[Hook] = (),
+        seed: int | None = None,
+    ) -> None:
+        self._clock: Clock = clock or MonotonicClock()
+        self._now = self._clock.now
+        self._lock = threading.Lock()
+        self._providers: dict[str, _Provider] = {}
+        self._hooks: list[Hook] = list(hooks)
+        self._rng = random.Random(seed)
+        if config is not None:
+            cfg = config if isinstance(config, PoolConfig) else validate(PoolConfig, config)
+            for provider in cfg.providers:
+                self.add_provider(provider)
+
+    @classmethod
+    def from_keys(
+        cls,
+        provider: str,
+        keys: Sequence[str | KeySpec],
+        *,
+        backup_keys: Sequence[str | KeySpec] = (),
+        weights: Sequence[float] | None = None,
+        breaker: BreakerConfig | None = None,
+        backup_threshold: float = 0.5,
+        clock: Clock | None = None,
+        hooks: Iterable[Hook] = (),
+    ) -> KeyPool:
+        """A pool with one provider, from plain secrets."""
+        from ._config import keys_from
+
+        pool = cls(clock=clock, hooks=hooks)
+        pool.add_provider(
+            ProviderConfig(
+                name=provider,
+                keys=keys_from(keys, backup=backup_keys, weights=weights),
+                breaker=breaker or BreakerConfig(),
+                backup_threshold=backup_threshold,
+            )
+        )
+        return pool
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(self._providers)
+
+    def add_provider(self, config: ProviderConfig | Mapping[str, Any]) -> None:
+        cfg = config if isinstance(config, ProviderConfig) else validate(ProviderConfig, config)
+        with self._lock:
+            if cfg.name in self._providers:
+                raise ConfigError(f"provider {cfg.name!r} already exists")
+            prov = _Provider(cfg)
+            self._providers[cfg.name] = prov
+            for spec in cfg.keys:
+                self._add_key(prov, spec)
+
+    def add_key(self, provider: str, key: KeySpec | str) -> str:
+        """Add a key at run time; returns its id."""
+        spec = key if isinstance(key, KeySpec) else KeySpec(secret=SecretStr(key))
+        with self._lock:
+            prov = self._provider(provider)
+            if spec.id in prov.keys and not prov.keys[spec.id].removed:
+                raise ConfigError(f"key id {spec.id!r} already exists for provider {provider!r}")
+            self._add_key(prov, spec)
+        return spec.id
+
+    def remove_key(self, provider: str, key_id: str) -> None:
+        """Stop routing to a key. Calls already holding it finish normally."""
+        with self._lock:
+            key = self._key(provider, key_id)
+            key.removed = True
+            self._refresh(key, self._now(), [])
+            key.tier.counts[key.category] -= 1
+            key.category = "removed"
+            del key.provider.keys[key_id]
+
+    def _add_key(self, prov: _Provider, spec: KeySpec) -> None:
+        breaker = CircuitBreaker(prov.config.breaker, clock=self._now, rng=self._rng.random)
+        key = _Key(prov, spec, breaker)
+        prov.keys[key.id] = key
+        self._refresh(key, self._now(), [])
+
+    def key_ids(self, provider: str | None = None) -> list[str]:
+        with self._lock:
+            provs = [self._provider(provider)] if provider else list(self._providers.values())
+            return [k for p in provs for k in p.keys]
+
+    def _provider(self, name: str) -> _Provider:
+        try:
+            return self._providers[name]
+        except KeyError:
+            raise UnknownProviderError(name, self._providers) from None
+
+    def _key(self, provider: str | None, key_id: str) -> _Key:
+        provs = [self._provider(provider)] if provider else list(self._providers.values())
+        for prov in provs:
+            if key_id in prov.keys:
+                return prov.keys[key_id]
+        known = [k for p in provs for k in p.keys]
+        raise UnknownKeyError(key_id, known, provider)
+
+    # ------------------------------------------------------------------ hooks
+
+    def add_hook(self, hook: Hook) -> None:
+        self._hooks.append(hook)
+
+    def remove_hook(self, hook: Hook) -> None:
+        self._hooks.remove(hook)
+
+    def _emit(self, events: list[PoolEvent]) -> None:
+        for event in events:
+            for hook in self._hooks:
+                try:
+                    hook(event)
+                except Exception:
+                    log.exception("keypool hook %r failed on %s", hook, type(event).__name__)
+
+    # ------------------------------------------------------------------ bookkeeping (lock held)
+
+    def _refresh(self, key: _Key, now: float, events: list[PoolEvent]) -> None:
+        """Bring a key's sampler weight, state counts and wake-up time in line with its breaker."""
+        breaker = key.breaker
+        breaker.poll()
+        for t in breaker.drain_transitions():
+            events.append(KeyStateChanged(key.provider.name, key.id, t.old, t.new, t.reason, t.at))
+        if key.removed:
+            if key.eligible:
+                key.tier.sampler.set(key.index, 0)
+                key.eligible = 0
+            return
+        weight = key.units if key.admits(now) else 0
+        if weight != key.eligible:
+            key.tier.sampler.set(key.index, weight)
+            key.eligible = weight
+        category = key.category_at(now)
+        if category != key.category:
+            key.tier.counts[key.category] -= 1
+            key.tier.counts[category] += 1
+            key.category = category
+        wake = breaker.next_transition_at(now)
+        admits = breaker.admits_at(now)
+        if admits is not None and admits > now and (wake is None or admits < wake):
+            wake = admits
+        if wake is not None and (key.scheduled_at is None or wake < key.scheduled_at):
+            key.scheduled_at = wake
+            heapq.heappush(key.provider.heap, (wake, next(_heap_seq), key))
+
+    def _wake(self, prov: _Provider, now: float, events: list[PoolEvent]) -> None:
+        heap = prov.heap
+        while heap and heap[0][0] <= now:
+            _, _, key = heapq.heappop(heap)
+            key.scheduled_at = None
+            self._refresh(key, now, events)
+        self._update_backup(prov, events)
+
+    def _update_backup(self, prov: _Provider, events: list[PoolEvent]) -> None:
+        primary = prov.tiers["primary"]
+        total = sum(primary.counts.values())
+        share = primary.counts["closed"] / total if total else 0.0
+        if prov.backup_forced is not None:
+            active, reason = prov.backup_forced, "operator"
+        else:
+            active = share < prov.config.backup_threshold
+            reason = "primary_unhealthy" if active else "primary_recovered"
+        if active != prov.backup_active:
+            prov.backup_active = active
+            events.append(BackupTierChanged(prov.name, active, reason))
+
+    # ------------------------------------------------------------------ selection
+
+    def _pick(self, prov: _Provider, now: float, exclude: frozenset[str]) -> _Key | None:
+        tiers = [prov.tiers["primary"]]
+        backup = prov.tiers["backup"]
+        if backup.keys and (prov.backup_active or tiers[0].sampler.total == 0):
+            tiers.append(backup)
+        totals = [t.sampler.total for t in tiers]
+        grand = sum(totals)
+        if grand <= 0:
+            return None
+        best: _Key | None = None
+        # Two weighted draws, keep the less loaded per unit of weight ("power of two choices").
+        for _ in range(2 if not exclude else 8):
+            u = self._rng.randrange(grand)
+            tier = tiers[0] if u < totals[0] else tiers[1]
+            if tier is not tiers[0]:
+                u -= totals[0]
+            candidate = tier.keys[tier.sampler.find(u)]
+            if candidate.id in exclude:
+                continue
+            if best is None or candidate.in_flight * best.units < best.in_flight * candidate.units:
+                best = candidate
+                if exclude:
+                    break
+        if best is None and exclude:
+            # Rare: the draws kept landing on excluded keys. Look at every eligible key once.
+            for tier in tiers:
+                for key in tier.keys:
+                    if key.eligible and key.id not in exclude:
+                        return key
+        return best
+
+    def _soonest(self, prov: _Provider, now: float) -> tuple[float | None, bool]:
+        """(seconds until the soonest scheduled recovery, whether some key is merely busy)."""
+        soonest = prov.heap[0][0] - now if prov.heap else None
+        busy = any(k.in_flight for k in prov.keys.values()) if soonest is None else False
+        return soonest, busy
+
+    def try_acquire(self, provider: str, *, exclude: Iterable[str] = ()) -> Lease:
+        """Lease a key now, or raise :class:`NoKeyAvailable` (never waits)."""
+        lease, _soon, _busy = self._try(provider, frozenset(exclude))
+        if lease is None:
+            self._emit([CallRejected(provider, "breaker_open")])
+            raise NoKeyAvailable(provider, _soon)
+        return lease
+
+    def _try(self, provider: str, exclude: frozenset[str]) -> tuple[Lease | None, float | None, bool]:
+        events: list[PoolEvent] = []
+        with self._lock:
+            prov = self._provider(provider)
+            now = self._now()
+            self._wake(prov, now, events)
+            lease: Lease | None = None
+            for _ in range(4):
+                key = self._pick(prov, now, exclude)
+                if key is None:
+                    break
+                permit = key.breaker.try_acquire()
+                if permit is None:  # out of step with the sampler: fix it and draw again
+                    self._refresh(key, now, events)
+                    continue
+                key.in_flight += 1
+                key.tier.in_flight += 1
+                self._refresh(key, now, events)
+                lease = Lease(self, key, permit, now)
+                break
+            soon, busy = (None, False) if lease else self._soonest(prov, now)
+        if events:
+            self._emit(events)
+        return lease, soon, busy
+
+    def _wait_plan(self, provider: str, soon: float | None, busy: bool, deadline: float | None) -> float:
+        """How long to sleep before trying again, or raise if the deadline does not allow it."""
+        now = self._now()
+        if soon is None and not busy:
+            self._emit([CallRejected(provider, "breaker_open")])
+            raise NoKeyAvailable(provider, None)
+        wait = max(soon, 0.0) if soon is not None else _BUSY_POLL
+        if busy and soon is not None:
+            wait = min(wait, _BUSY_POLL)
+        if deadline is None or now + wait > deadline:
+            self._emit([CallRejected(provider, "breaker_open")])
+            raise NoKeyAvailable(provider, max(soon, 0.0) if soon is not None else None)
+        return wait
+
+    async def acquire(
+        self, provider: str, *, timeout: float | None = None, exclude: Iterable[str] = ()
+    ) -> Lease:
+        """Lease a key, waiting up to ``timeout`` seconds for one to recover.
+
+        Waits only when a key is expected back inside the deadline (or is merely busy); otherwise
+        raises :class:`NoKeyAvailable` at once with ``retry_after``.
+        """
+        excluded = frozenset(exclude)
+        deadline = None if timeout is None else self._now() + timeout
+        while True:
+            lease, soon, busy = self._try(provider, excluded)
+            if lease is not None:
+                return lease
+            await self._clock.sleep(self._wait_plan(provider, soon, busy, deadline))
+
+    def acquire_sync(
+        self, provider: str, *, timeout: float | None = None, exclude: Iterable[str] = ()
+    ) -> Lease:
+        """:meth:`acquire` for threads: blocks the calling thread while it waits."""
+        excluded = frozenset(exclude)
+        deadline = None if timeout is None else self._now() + timeout
+        while True:
+            lease, soon, busy = self._try(provider, excluded)
+            if lease is not None:
+                return lease
+            self._clock.sleep_sync(self._wait_plan(provider, soon, busy, deadline))
+
+    def _record(self, lease: Lease, permit: Permit, outcome: Outcome, started: float) -> None:
+        events: list[PoolEvent] = []
+        key = lease.key
+        with self._lock:
+            now = self._now()
+            breaker = key.breaker
+            kind = outcome.kind
+            if kind is OutcomeKind.SUCCESS:
+                breaker.record_success(permit)
+            elif kind is OutcomeKind.FAILURE:
+                breaker.record_failure(permit)
+            elif kind is OutcomeKind.THROTTLED:
+                breaker.throttle(outcome.retry_after, permit)
+            elif kind is OutcomeKind.REJECTED:
+                breaker.quarantine(OpenReason.REJECTED, permit)
+            elif kind is OutcomeKind.EXHAUSTED:
+                breaker.quarantine(OpenReason.QUOTA, permit)
+            else:
+                breaker.release(permit)
+            key.in_flight -= 1
+            key.tier.in_flight -= 1
+            self._refresh(key, now, events)
+            self._update_backup(key.provider, events)
+        events.append(
+            CallRecorded(lease.provider, key.id, outcome.kind, outcome.status, now - started, permit.trial)
+        )
+        self._emit(events)
+
+    # ------------------------------------------------------------------ observation
+
+    def poll(self) -> None:
+        """Notice every transition that time alone has caused (observers call this before reading)."""
+        events: list[PoolEvent] = []
+        with self._lock:
+            now = self._now()
+            for prov in self._providers.values():
+                self._wake(prov, now, events)
+                for key in prov.keys.values():
+                    self._refresh(key, now, events)
+        self._emit(events)
+
+    def capacity(self, provider: str) -> Capacity:
+        events: list[PoolEvent] = []
+        with self._lock:
+            prov = self._provider(provider)
+            now = self._now()
+            self._wake(prov, now, events)
+            primary = prov.tiers["primary"].capacity()
+            backup = prov.tiers["backup"].capacity()
+            soon = prov.heap[0][0] - now if prov.heap else None
+            any_eligible = any(t.sampler.total for t in prov.tiers.values())
+            forced = prov.backup_forced
+            active = prov.backup_active
+        self._emit(events)
+        total = primary.total + backup.total
+        closed = primary.closed + backup.closed
+        share = closed / total if total else 0.0
+        status: CapacityStatus
+        busy_only = primary.in_flight + backup.in_flight > 0 and (
+            closed + primary.half_open + backup.half_open > 0
+        )
+        if not any_eligible and not busy_only:
+            status = "down"
+        elif share <= 0.5:
+            status = "critical"
+        elif closed < total:
+            status = "degraded"
+        else:
+            status = "healthy"
+        throttled = primary.throttled + backup.throttled
+        quarantined = primary.quarantined + backup.quarantined
+        return Capacity(
+            provider=provider,
+            total=total,
+            closed=closed,
+            half_open=primary.half_open + backup.half_open,
+            open=primary.open + backup.open + throttled + quarantined,
+            throttled=throttled,
+            quarantined=quarantined,
+            in_flight=primary.in_flight + backup.in_flight,
+            healthy_share=share,
+            status=status,
+            backup_active=active,
+            backup_forced=forced,
+            next_recovery_in=None if soon is None else max(0.0, soon),
+            primary=primary,
+            backup=backup,
+        )
+
+    def _key_stats(self, key: _Key, now: float) -> dict[str, Any]:
+        snap = key.breaker.snapshot(now)
+        cfg = key.breaker.config
+        return {
+            "key_id": key.id,
+            "provider": key.provider.name,
+            "state": snap.state.label,
+            "failure_count": snap.failure_count,
+            "success_count": snap.success_count,
+            "config": {
+                "failure_threshold": cfg.failure_threshold,
+                "success_threshold": cfg.success_threshold,
+                "timeout": cfg.timeout,
+                "half_open_max_calls": cfg.half_open_max_calls,
+            },
+            "tier": key.spec.tier,
+            "weight": key.spec.weight,
+            "in_flight": key.in_flight,
+            "trials_in_flight": snap.trials_in_flight,
+            "open_reason": snap.open_reason.value if snap.open_reason else None,
+            "quarantined": snap.quarantined,
+            "retry_in": None if snap.admits_at is None else max(0.0, snap.admits_at - now),
+            "trips": snap.trips,
+            "total_successes": snap.total_successes,
+            "total_failures": snap.total_failures,
+        }
+
+    def stats(self, provider: str | None = None) -> list[dict[str, Any]]:
+        """Every key's breaker in the runbook's JSON shape (plus a few extra fields)."""
+        with self._lock:
+            now = self._now()
+            provs = [self._provider(provider)] if provider else list(self._providers.values())
+            return [self._key_stats(k, now) for p in provs for k in p.keys.values()]
+
+    def key_stats(self, key_id: str, provider: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            return self._key_stats(self._key(provider, key_id), self._now())
+
+    def breaker_config(self, key_id: str, provider: str | None = None) -> BreakerConfig:
+        with self._lock:
+            return self._key(provider, key_id).breaker.config
+
+    def time_in_states(self) -> Iterator[tuple[str, str, tuple[float, float, float]]]:
+        """(provider, key_id, seconds closed/half-open/open) for every key."""
+        with self._lock:
+            now = self._now()
+            rows = [
+                (p.name, k.id, k.breaker.time_in_states(now))
+                for p in self._providers.values()
+                for k in p.keys.values()
+            ]
+        return iter(rows)
+
+    # ------------------------------------------------------------------ operations
+
+    def _mutate(self, keys: Iterable[_Key], action: Any) -> int:
+        events: list[PoolEvent] = []
+        count = 0
+        with self._lock:
+            now = self._now()
+            for key in list(keys):
+                action(key)
+                self._refresh(key, now, events)
+                count += 1
+            for prov in self._providers.values():
+                self._update_backup(prov, events)
+        self._emit(events)
+        return count
+
+    def _select(self, provider: str | None, key_id: str | None) -> list[_Key]:
+        with self._lock:
+            if key_id is not None:
+                return [self._key(provider, key_id)]
+            provs = [self._provider(provider)] if provider else list(self._providers.values())
+            return [k for p in provs for k in p.keys.values()]
+
+    def reset(self, provider: str | None = None, key_id: str | None = None) -> int:
+        """Close breakers (one key, one provider, or all) and clear throttles and quarantines."""
+        return self._mutate(self._select(provider, key_id), lambda k: k.breaker.reset())
+
+    def trip(self, provider: str | None = None, key_id: str | None = None) -> int:
+        """Open breakers now, as if their failure threshold had been reached."""
+        return self._mutate(self._select(provider, key_id), lambda k: k.breaker.force_open())
+
+    def quarantine(self, key_id: str, provider: str | None = None) -> None:
+        """Take one key out of rotation until it is reset."""
+        self._mutate(self._select(provider, key_id), lambda k: k.breaker.quarantine(OpenReason.MANUAL))
+
+    def update_config(
+        self,
+        changes: Mapping[str, Any] | BreakerConfig,
+        *,
+        provider: str | None = None,
+        key_id: str | None = None,
+    ) -> int:
+        """Change breaker settings hot, keeping every breaker's state.
+
+        All target keys are validated first; if any change is invalid nothing changes. A global or
+        per-provider change keeps per-key overrides' own fields.
+        """
+        keys = self._select(provider, key_id)
+        if isinstance(changes, BreakerConfig):
+            changes = changes.model_dump()
+        planned = {id(k): k.breaker.config.updated(changes) for k in keys}  # validates all first
+        with self._lock:
+            if key_id is None:
+                for prov in [self._provider(provider)] if provider else list(self._providers.values()):
+                    prov.config = prov.config.model_copy(
+                        update={"breaker": prov.config.breaker.updated(changes)}
+                    )
+        return self._mutate(keys, lambda k: k.breaker.update_config(planned[id(k)]))
+
+    def activate_backup(self, provider: str, active: bool | None = True) -> None:
+        """Force the backup tier on (``True``) or off (``False``), or back to automatic (``None``)."""
+        events: list[PoolEvent] = []
+        with self._lock:
+            prov = self._provider(provider)
+            prov.backup_forced = active
+            self._update_backup(prov, events)
+        self._emit(events)
+
+    def __repr__(self) -> str:
+        counts = {p.name: len(p.keys) for p in self._providers.values()}
+        return f"KeyPool(providers={counts})"

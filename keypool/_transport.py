@@ -1,0 +1,382 @@
+"""KeyPoolTransport: an ``httpx2`` transport that leases a key for every attempt of a request.
+
+Any SDK that runs on ``httpx2`` (``openai``, ``mcp``) gets pooling, failover and breakers by being
+handed a client over this transport. For one request: lease a key -> set its auth header -> send ->
+classify -> record -> if the failure is the key's or the server's, close that response and try
+another key (never the same key twice; one attempt budget and one deadline for the whole request)
+-> hand back the response. A 2xx body is wrapped so that its clean end records success and a broken
+one records failure; a failure before the first byte is retried on another key, a failure after
+bytes reached the caller raises :class:`~keypool.StreamInterrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import anyio
+import httpx2
+
+from ._errors import NoKeyAvailable, StreamInterrupted
+from ._outcome import Outcome, OutcomeKind, classify_exception, classify_status
+from ._pool import KeyPool, Lease
+
+__all__ = ["KeyPoolTransport", "SyncKeyPoolTransport"]
+
+
+@dataclass
+class _Plan:
+    """The budget of one request: attempts left, keys tried, the deadline and replayability."""
+
+    attempts_left: int
+    deadline: float | None
+    replayable: bool
+    tried: set[str] = field(default_factory=set)
+
+    def can_retry(self, now: float) -> bool:
+        return self.replayable and self.attempts_left > 0 and (self.deadline is None or now < self.deadline)
+
+
+class _Base:
+    """What the async and sync transports share: configuration, planning and classification."""
+
+    def __init__(
+        self,
+        pool: KeyPool,
+        provider: str,
+        *,
+        max_attempts: int | None = None,
+        timeout: float | None = 60.0,
+        auth_header: str = "Authorization",
+        auth_scheme: str | None = "Bearer",
+        stream_idle_timeout: float | None = None,
+    ) -> None:
+        if max_attempts is not None and max_attempts < 1:
+            from ._errors import ConfigError
+
+            raise ConfigError(f"max_attempts: must be >= 1 (got {max_attempts})")
+        pool.capacity(provider)  # fail fast on an unknown provider
+        self.pool = pool
+        self.provider = provider
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.auth_header = auth_header
+        self.auth_scheme = auth_scheme
+        self.stream_idle_timeout = stream_idle_timeout
+
+    def _plan(self, request: httpx2.Request) -> _Plan:
+        budget = self.max_attempts or len(self.pool.key_ids(self.provider))
+        now = self.pool.clock.now()
+        return _Plan(
+            attempts_left=max(1, budget),
+            deadline=None if self.timeout is None else now + self.timeout,
+            replayable=isinstance(request.stream, httpx2.ByteStream),
+        )
+
+    def _wait_budget(self, plan: _Plan) -> float | None:
+        if plan.deadline is None:
+            return None
+        return max(0.0, plan.deadline - self.pool.clock.now())
+
+    def _authorize(self, request: httpx2.Request, lease: Lease, plan: _Plan) -> None:
+        plan.tried.add(lease.key_id)
+        plan.attempts_left -= 1
+        secret = lease.secret.get_secret_value()
+        value = f"{self.auth_scheme} {secret}" if self.auth_scheme else secret
+        request.headers[self.auth_header] = value
+
+    def _judge(self, lease: Lease, plan: _Plan, outcome: Outcome) -> bool:
+        """Record a non-success outcome; True if the request should move to another key."""
+        lease.record(outcome)
+        return outcome.kind.retry_elsewhere and plan.can_retry(self.pool.clock.now())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(provider={self.provider!r})"
+
+
+class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
+    """The async transport. ``transport`` is where requests really go (default: a new
+    ``httpx2.AsyncHTTPTransport``, closed with this one; a transport you pass is yours to close).
+    """
+
+    def __init__(
+        self,
+        pool: KeyPool,
+        provider: str,
+        *,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = 60.0,
+        auth_header: str = "Authorization",
+        auth_scheme: str | None = "Bearer",
+        stream_idle_timeout: float | None = None,
+    ) -> None:
+        super().__init__(
+            pool,
+            provider,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            auth_header=auth_header,
+            auth_scheme=auth_scheme,
+            stream_idle_timeout=stream_idle_timeout,
+        )
+        self._owns_inner = transport is None
+        self.inner = transport or httpx2.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        plan = self._plan(request)
+        last: httpx2.Response | BaseException | None = None
+        while True:
+            try:
+                lease = await self.pool.acquire(
+                    self.provider, timeout=self._wait_budget(plan), exclude=plan.tried
+                )
+            except NoKeyAvailable:
+                if last is None:
+                    raise
+                break
+            self._authorize(request, lease, plan)
+            try:
+                response = await self.inner.handle_async_request(request)
+            except BaseException as exc:
+                if self._judge(lease, plan, classify_exception(exc)):
+                    last = exc
+                    continue
+                raise
+            outcome = classify_status(response.status_code, response.headers)
+            if outcome.kind is OutcomeKind.SUCCESS:
+                try:
+                    return await self._wrap(request, response, lease)
+                except _RetryableStreamStart as failed:
+                    if self._judge(lease, plan, failed.outcome):
+                        last = failed.error
+                        continue
+                    raise failed.error from None
+            if not self._judge(lease, plan, outcome):
+                return response
+            await response.aclose()
+            last = response
+        if isinstance(last, BaseException):
+            raise last
+        assert last is not None
+        return last
+
+    async def _wrap(
+        self, request: httpx2.Request, response: httpx2.Response, lease: Lease
+    ) -> httpx2.Response:
+        stream = response.stream
+        assert isinstance(stream, httpx2.AsyncByteStream)
+        chunks = stream.__aiter__()
+        try:
+            with _idle(self.stream_idle_timeout):
+                first: bytes | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as exc:
+            await stream.aclose()
+            raise _RetryableStreamStart(_stream_outcome(exc), exc) from exc
+        wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease)
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=wrapped,
+            extensions=response.extensions,
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        if self._owns_inner:
+            await self.inner.aclose()
+
+
+class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
+    """The same request path for ``httpx2.Client`` / ``openai.OpenAI`` in threads."""
+
+    def __init__(
+        self,
+        pool: KeyPool,
+        provider: str,
+        *,
+        transport: httpx2.BaseTransport | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = 60.0,
+        auth_header: str = "Authorization",
+        auth_scheme: str | None = "Bearer",
+    ) -> None:
+        super().__init__(
+            pool,
+            provider,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            auth_header=auth_header,
+            auth_scheme=auth_scheme,
+        )
+        self._owns_inner = transport is None
+        self.inner = transport or httpx2.HTTPTransport()
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        plan = self._plan(request)
+        last: httpx2.Response | BaseException | None = None
+        while True:
+            try:
+                lease = self.pool.acquire_sync(
+                    self.provider, timeout=self._wait_budget(plan), exclude=plan.tried
+                )
+            except NoKeyAvailable:
+                if last is None:
+                    raise
+                break
+            self._authorize(request, lease, plan)
+            try:
+                response = self.inner.handle_request(request)
+            except BaseException as exc:
+                if self._judge(lease, plan, classify_exception(exc)):
+                    last = exc
+                    continue
+                raise
+            outcome = classify_status(response.status_code, response.headers)
+            if outcome.kind is OutcomeKind.SUCCESS:
+                try:
+                    return self._wrap(request, response, lease)
+                except _RetryableStreamStart as failed:
+                    if self._judge(lease, plan, failed.outcome):
+                        last = failed.error
+                        continue
+                    raise failed.error from None
+            if not self._judge(lease, plan, outcome):
+                return response
+            response.close()
+            last = response
+        if isinstance(last, BaseException):
+            raise last
+        assert last is not None
+        return last
+
+    def _wrap(self, request: httpx2.Request, response: httpx2.Response, lease: Lease) -> httpx2.Response:
+        stream = response.stream
+        assert isinstance(stream, httpx2.SyncByteStream)
+        chunks = iter(stream)
+        try:
+            first: bytes | None = next(chunks)
+        except StopIteration:
+            first = None
+        except Exception as exc:
+            stream.close()
+            raise _RetryableStreamStart(_stream_outcome(exc), exc) from exc
+        wrapped = _LeasedSyncStream(self, stream, chunks, first, lease)
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=wrapped,
+            extensions=response.extensions,
+            request=request,
+        )
+
+    def close(self) -> None:
+        if self._owns_inner:
+            self.inner.close()
+
+
+class _RetryableStreamStart(Exception):
+    """A 2xx body failed before its first byte: the request may still go to another key."""
+
+    def __init__(self, outcome: Outcome, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.outcome = outcome
+        self.error = error
+
+
+def _stream_outcome(exc: BaseException) -> Outcome:
+    outcome = classify_exception(exc)
+    if outcome.kind is OutcomeKind.IGNORED and isinstance(exc, Exception):
+        # Inside the transport, an unexplained error reading the body is the server's doing.
+        return Outcome(OutcomeKind.FAILURE, detail=type(exc).__name__)
+    return outcome
+
+
+def _idle(seconds: float | None) -> contextlib.AbstractContextManager[object]:
+    return anyio.fail_after(seconds) if seconds else contextlib.nullcontext()
+
+
+class _LeasedAsyncStream(httpx2.AsyncByteStream):
+    """A 2xx body whose end decides the key's outcome."""
+
+    def __init__(
+        self,
+        owner: KeyPoolTransport,
+        stream: httpx2.AsyncByteStream,
+        chunks: AsyncIterator[bytes],
+        first: bytes | None,
+        lease: Lease,
+    ) -> None:
+        self._owner = owner
+        self._stream = stream
+        self._chunks = chunks
+        self._first = first
+        self._lease = lease
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        lease = self._lease
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            while True:
+                with _idle(self._owner.stream_idle_timeout):
+                    try:
+                        chunk = await self._chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                yield chunk
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            lease.release()
+            raise
+        except Exception as exc:
+            lease.record(_stream_outcome(exc))
+            reason = (
+                f"no data for {self._owner.stream_idle_timeout} s"
+                if isinstance(exc, TimeoutError)
+                else type(exc).__name__
+            )
+            raise StreamInterrupted(lease.provider, lease.key_id, reason) from exc
+        lease.success()
+
+    async def aclose(self) -> None:
+        self._lease.release()  # no-op after an outcome: a caller closing early blames nobody
+        await self._stream.aclose()
+
+
+class _LeasedSyncStream(httpx2.SyncByteStream):
+    def __init__(
+        self,
+        owner: SyncKeyPoolTransport,
+        stream: httpx2.SyncByteStream,
+        chunks: Iterator[bytes],
+        first: bytes | None,
+        lease: Lease,
+    ) -> None:
+        self._owner = owner
+        self._stream = stream
+        self._chunks = chunks
+        self._first = first
+        self._lease = lease
+
+    def __iter__(self) -> Iterator[bytes]:
+        lease = self._lease
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            yield from self._chunks
+        except GeneratorExit:
+            lease.release()
+            raise
+        except Exception as exc:
+            lease.record(_stream_outcome(exc))
+            raise StreamInterrupted(lease.provider, lease.key_id, type(exc).__name__) from exc
+        lease.success()
+
+    def close(self) -> None:
+        self._lease.release()
+        self._stream.close()

@@ -1,0 +1,46 @@
+"""The ``keypool`` command: ``keypool demo`` and ``keypool serve-admin``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keypool", description="API key pools with a circuit breaker per key."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="watch a pool ride out a simulated outage (no keys, no network)")
+    demo.add_argument("--seconds", type=float, default=40.0, help="how long to drive traffic")
+    demo.add_argument("--quiet", action="store_true", help="no live display, summary only")
+    serve = sub.add_parser("serve-admin", help="run the runbook's admin HTTP API for a configured pool")
+    serve.add_argument("--config", help="TOML file describing providers and keys")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="allow mutations without a token (only when bound to loopback)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        return run_demo(seconds=args.seconds, quiet=args.quiet)
+    from ._serve import serve_admin
+
+    return serve_admin(
+        config=args.config, host=args.host, port=args.port, insecure_no_token=args.insecure_no_token
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -429,6 +429,7 @@ class KeyPool:
             if key.eligible:
                 key.tier.sampler.set(key.index, 0)
                 key.eligible = 0
+            key.scheduled_at = None
             return
         weight = key.units if key.admits(now) else 0
         if weight != key.eligible:
@@ -443,17 +444,30 @@ class KeyPool:
         admits = breaker.admits_at(now)
         if admits is not None and admits > now and (wake is None or admits < wake):
             wake = admits
-        if wake is not None and (key.scheduled_at is None or wake < key.scheduled_at):
+        # A heap entry is live only while it matches the key's scheduled_at: a reset, quarantine or
+        # extended throttle leaves the old entry behind as stale, and stale entries are skipped.
+        if wake != key.scheduled_at:
             key.scheduled_at = wake
-            heapq.heappush(key.provider.heap, (wake, next(_heap_seq), key))
+            if wake is not None:
+                heapq.heappush(key.provider.heap, (wake, next(_heap_seq), key))
 
     def _wake(self, prov: _Provider, now: float, events: list[PoolEvent]) -> None:
         heap = prov.heap
         while heap and heap[0][0] <= now:
-            _, _, key = heapq.heappop(heap)
+            at, _, key = heapq.heappop(heap)
+            if at != key.scheduled_at:
+                continue
             key.scheduled_at = None
             self._refresh(key, now, events)
         self._update_backup(prov, events)
+
+    @staticmethod
+    def _next_wake(prov: _Provider) -> float | None:
+        """The soonest live scheduled instant of a provider's keys, dropping stale heap entries."""
+        heap = prov.heap
+        while heap and heap[0][0] != heap[0][2].scheduled_at:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     def _update_backup(self, prov: _Provider, events: list[PoolEvent]) -> None:
         primary = prov.tiers["primary"]
@@ -503,7 +517,8 @@ class KeyPool:
 
     def _soonest(self, prov: _Provider, now: float) -> tuple[float | None, bool]:
         """(seconds until the soonest scheduled recovery, whether some key is merely busy)."""
-        soonest = prov.heap[0][0] - now if prov.heap else None
+        wake = self._next_wake(prov)
+        soonest = None if wake is None else wake - now
         busy = any(k.in_flight for k in prov.keys.values()) if soonest is None else False
         return soonest, busy
 
@@ -539,6 +554,29 @@ class KeyPool:
         if events:
             self._emit(events)
         return lease, soon, busy
+
+    def try_acquire_key(self, provider: str, key_id: str) -> Lease | None:
+        """Lease one named key if its breaker admits a call now, else ``None`` (health probes).
+
+        Ignores tiers, weights and per-key concurrency: a probe asks about this key only.
+        """
+        events: list[PoolEvent] = []
+        with self._lock:
+            key = self._key(provider, key_id)
+            now = self._now()
+            permit = None if key.removed else key.breaker.try_acquire()
+            lease = None
+            if permit is not None:
+                key.in_flight += 1
+                key.tier.in_flight += 1
+                lease = Lease(self, key, permit, now)
+            self._refresh(key, now, events)
+        self._emit(events)
+        return lease
+
+    def note_rejected(self, provider: str, reason: str, key_id: str | None = None) -> None:
+        """Tell observers a call was refused before reaching a key (e.g. ``load_shed``, ``probe_skipped``)."""
+        self._emit([CallRejected(provider, reason, key_id)])
 
     def _wait_plan(self, provider: str, soon: float | None, busy: bool, deadline: float | None) -> float:
         """How long to sleep before trying again, or raise if the deadline does not allow it."""
@@ -631,7 +669,8 @@ class KeyPool:
             self._wake(prov, now, events)
             primary = prov.tiers["primary"].capacity()
             backup = prov.tiers["backup"].capacity()
-            soon = prov.heap[0][0] - now if prov.heap else None
+            wake = self._next_wake(prov)
+            soon = None if wake is None else wake - now
             any_eligible = any(t.sampler.total for t in prov.tiers.values())
             forced = prov.backup_forced
             active = prov.backup_active
@@ -776,11 +815,13 @@ class KeyPool:
             changes = changes.model_dump()
         planned = {id(k): k.breaker.config.updated(changes) for k in keys}  # validates all first
         with self._lock:
+            provs: list[_Provider] = []
             if key_id is None:
-                for prov in [self._provider(provider)] if provider else list(self._providers.values()):
-                    prov.config = prov.config.model_copy(
-                        update={"breaker": prov.config.breaker.updated(changes)}
-                    )
+                provs = [self._provider(provider)] if provider else list(self._providers.values())
+            # Validate every provider's new default before changing any of them.
+            defaults = [(prov, prov.config.breaker.updated(changes)) for prov in provs]
+            for prov, breaker in defaults:
+                prov.config = prov.config.model_copy(update={"breaker": breaker})
         return self._mutate(keys, lambda k: k.breaker.update_config(planned[id(k)]))
 
     def activate_backup(self, provider: str, active: bool | None = True) -> None:

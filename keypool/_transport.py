@@ -51,6 +51,7 @@ class _Base:
         auth_header: str = "Authorization",
         auth_scheme: str | None = "Bearer",
         stream_idle_timeout: float | None = None,
+        sse_terminator: bytes | None = None,
     ) -> None:
         if max_attempts is not None and max_attempts < 1:
             from ._errors import ConfigError
@@ -64,6 +65,13 @@ class _Base:
         self.auth_header = auth_header
         self.auth_scheme = auth_scheme
         self.stream_idle_timeout = stream_idle_timeout
+        self.sse_terminator = sse_terminator
+
+    def _expects_terminator(self, response: httpx2.Response) -> bytes | None:
+        """The marker an event stream must end with (e.g. ``[DONE]``), if this transport checks it."""
+        if self.sse_terminator and "text/event-stream" in response.headers.get("content-type", ""):
+            return self.sse_terminator
+        return None
 
     def _plan(self, request: httpx2.Request) -> _Plan:
         budget = self.max_attempts or len(self.pool.key_ids(self.provider))
@@ -111,6 +119,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         auth_header: str = "Authorization",
         auth_scheme: str | None = "Bearer",
         stream_idle_timeout: float | None = None,
+        sse_terminator: bytes | None = None,
     ) -> None:
         super().__init__(
             pool,
@@ -120,6 +129,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             auth_header=auth_header,
             auth_scheme=auth_scheme,
             stream_idle_timeout=stream_idle_timeout,
+            sse_terminator=sse_terminator,
         )
         self._owns_inner = transport is None
         self.inner = transport or httpx2.AsyncHTTPTransport()
@@ -155,8 +165,13 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
                     raise failed.error from None
             if not self._judge(lease, plan, outcome):
                 return response
-            await response.aclose()
-            last = response
+            try:
+                await response.aread()  # keep the body: it is the answer if no other key can be had
+                last = response
+            except Exception as exc:
+                last = exc
+            finally:
+                await response.aclose()
         if isinstance(last, BaseException):
             raise last
         assert last is not None
@@ -176,7 +191,12 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         except Exception as exc:
             await stream.aclose()
             raise _RetryableStreamStart(_stream_outcome(exc), exc) from exc
-        wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease)
+        except BaseException:
+            lease.release()  # cancelled before the first byte: free the key, blame nobody
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease, self._expects_terminator(response))
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -203,6 +223,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
         timeout: float | None = 60.0,
         auth_header: str = "Authorization",
         auth_scheme: str | None = "Bearer",
+        sse_terminator: bytes | None = None,
     ) -> None:
         super().__init__(
             pool,
@@ -211,6 +232,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             timeout=timeout,
             auth_header=auth_header,
             auth_scheme=auth_scheme,
+            sse_terminator=sse_terminator,
         )
         self._owns_inner = transport is None
         self.inner = transport or httpx2.HTTPTransport()
@@ -246,8 +268,13 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
                     raise failed.error from None
             if not self._judge(lease, plan, outcome):
                 return response
-            response.close()
-            last = response
+            try:
+                response.read()  # keep the body: it is the answer if no other key can be had
+                last = response
+            except Exception as exc:
+                last = exc
+            finally:
+                response.close()
         if isinstance(last, BaseException):
             raise last
         assert last is not None
@@ -264,7 +291,11 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
         except Exception as exc:
             stream.close()
             raise _RetryableStreamStart(_stream_outcome(exc), exc) from exc
-        wrapped = _LeasedSyncStream(self, stream, chunks, first, lease)
+        except BaseException:
+            lease.release()
+            stream.close()
+            raise
+        wrapped = _LeasedSyncStream(self, stream, chunks, first, lease, self._expects_terminator(response))
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -299,6 +330,29 @@ def _idle(seconds: float | None) -> contextlib.AbstractContextManager[object]:
     return anyio.fail_after(seconds) if seconds else contextlib.nullcontext()
 
 
+class _EndCheck:
+    """Remembers the tail of a body to tell a complete event stream from a truncated one."""
+
+    __slots__ = ("_tail", "_terminator")
+
+    def __init__(self, terminator: bytes | None) -> None:
+        self._terminator = terminator
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self._terminator is not None:
+            self._tail = (self._tail + chunk)[-(len(self._terminator) + 64) :]
+
+    def finish(self, lease: Lease) -> None:
+        """Record the clean end: success, or a failure if the terminator never came."""
+        if self._terminator is None or self._terminator in self._tail:
+            lease.success()
+            return
+        lease.failure("stream ended without its terminator")
+        marker = self._terminator.decode(errors="replace")
+        raise StreamInterrupted(lease.provider, lease.key_id, f"stream ended without {marker!r}")
+
+
 class _LeasedAsyncStream(httpx2.AsyncByteStream):
     """A 2xx body whose end decides the key's outcome."""
 
@@ -309,18 +363,21 @@ class _LeasedAsyncStream(httpx2.AsyncByteStream):
         chunks: AsyncIterator[bytes],
         first: bytes | None,
         lease: Lease,
+        terminator: bytes | None,
     ) -> None:
         self._owner = owner
         self._stream = stream
         self._chunks = chunks
         self._first = first
         self._lease = lease
+        self._end = _EndCheck(terminator)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         lease = self._lease
         try:
             if self._first is not None:
                 first, self._first = self._first, None
+                self._end.feed(first)
                 yield first
             while True:
                 with _idle(self._owner.stream_idle_timeout):
@@ -328,6 +385,7 @@ class _LeasedAsyncStream(httpx2.AsyncByteStream):
                         chunk = await self._chunks.__anext__()
                     except StopAsyncIteration:
                         break
+                self._end.feed(chunk)
                 yield chunk
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             lease.release()
@@ -340,7 +398,7 @@ class _LeasedAsyncStream(httpx2.AsyncByteStream):
                 else type(exc).__name__
             )
             raise StreamInterrupted(lease.provider, lease.key_id, reason) from exc
-        lease.success()
+        self._end.finish(lease)
 
     async def aclose(self) -> None:
         self._lease.release()  # no-op after an outcome: a caller closing early blames nobody
@@ -355,27 +413,32 @@ class _LeasedSyncStream(httpx2.SyncByteStream):
         chunks: Iterator[bytes],
         first: bytes | None,
         lease: Lease,
+        terminator: bytes | None,
     ) -> None:
         self._owner = owner
         self._stream = stream
         self._chunks = chunks
         self._first = first
         self._lease = lease
+        self._end = _EndCheck(terminator)
 
     def __iter__(self) -> Iterator[bytes]:
         lease = self._lease
         try:
             if self._first is not None:
                 first, self._first = self._first, None
+                self._end.feed(first)
                 yield first
-            yield from self._chunks
+            for chunk in self._chunks:
+                self._end.feed(chunk)
+                yield chunk
         except GeneratorExit:
             lease.release()
             raise
         except Exception as exc:
             lease.record(_stream_outcome(exc))
             raise StreamInterrupted(lease.provider, lease.key_id, type(exc).__name__) from exc
-        lease.success()
+        self._end.finish(lease)
 
     def close(self) -> None:
         self._lease.release()

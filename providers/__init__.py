@@ -1,0 +1,29 @@
+"""Clients built on the keypool core: drop-in ``openai`` clients per provider, batches, probes.
+
+``AsyncDeepSeek(api_keys=[...])`` is an ``openai.AsyncOpenAI`` whose requests all go through a key
+pool; ``AsyncPooledOpenAI(provider=..., base_url=..., api_keys=[...])`` does the same for any other
+OpenAI-compatible API.
+"""
+
+from ._batch import BatchItem, run_batch
+from ._health import HealthReport, KeyHealth, Probe
+from ._openai import AsyncPooledOpenAI, NoKeyAvailableError, PooledOpenAI
+from .deepseek import DEEPSEEK_BASE_URL, AsyncDeepSeek, DeepSeek
+from .perplexity import PERPLEXITY_BASE_URL, AsyncPerplexity, Perplexity
+
+__all__ = [
+    "DEEPSEEK_BASE_URL",
+    "PERPLEXITY_BASE_URL",
+    "AsyncDeepSeek",
+    "AsyncPerplexity",
+    "AsyncPooledOpenAI",
+    "BatchItem",
+    "DeepSeek",
+    "HealthReport",
+    "KeyHealth",
+    "NoKeyAvailableError",
+    "Perplexity",
+    "PooledOpenAI",
+    "Probe",
+    "run_batch",
+]

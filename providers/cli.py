@@ -1,4 +1,8 @@
-"""The ``keypool`` command: ``keypool demo`` and ``keypool serve-admin``."""
+"""The ``keypool`` command: ``keypool demo`` and ``keypool serve-admin``.
+
+It lives in ``providers`` because it composes both layers: the demo drives a DeepSeek client,
+``serve-admin`` runs the core's admin API.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import run_demo
 
         return run_demo(seconds=args.seconds, quiet=args.quiet)
-    from ._serve import serve_admin
+    from keypool._serve import serve_admin
 
     return serve_admin(
         config=args.config, host=args.host, port=args.port, insecure_no_token=args.insecure_no_token

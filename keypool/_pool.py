@@ -494,8 +494,11 @@ class KeyPool:
         if grand <= 0:
             return None
         best: _Key | None = None
-        # Two weighted draws, keep the less loaded per unit of weight ("power of two choices").
+        # Two weighted draws, keep the less loaded per unit of weight ("power of two choices");
+        # an idle first draw cannot be beaten, so it skips the second.
         for _ in range(2 if not exclude else 8):
+            if best is not None and not best.in_flight:
+                break
             u = self._rng.randrange(grand)
             tier = tiers[0] if u < totals[0] else tiers[1]
             if tier is not tiers[0]:

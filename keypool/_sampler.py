@@ -15,20 +15,21 @@ __all__ = ["WeightedSampler"]
 class WeightedSampler:
     """Indices ``0..n-1`` with non-negative integer weights; draw one with probability w/total."""
 
-    __slots__ = ("_size", "_top", "_tree", "_weights")
+    __slots__ = ("_size", "_top", "_total", "_tree", "_weights")
 
     def __init__(self) -> None:
         self._weights: list[int] = []
         self._tree: list[int] = [0]  # 1-based
         self._size = 0
         self._top = 1
+        self._total = 0
 
     def __len__(self) -> int:
         return self._size
 
     @property
     def total(self) -> int:
-        return self._prefix(self._size)
+        return self._total
 
     def weight(self, index: int) -> int:
         return self._weights[index]
@@ -54,6 +55,7 @@ class WeightedSampler:
         if not delta:
             return
         self._weights[index] = weight
+        self._total += delta
         i = index + 1
         tree = self._tree
         while i <= self._size:
@@ -83,7 +85,7 @@ class WeightedSampler:
 
     def draw(self, rng: random.Random) -> int | None:
         """One index drawn by weight, or ``None`` if every weight is 0."""
-        total = self.total
+        total = self._total
         if total <= 0:
             return None
         return self.find(rng.randrange(total))

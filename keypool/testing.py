@@ -1,13 +1,24 @@
-"""Helpers for testing code that uses keypool: a fake clock, and (with the ``testing`` extra) a
-fault-injecting OpenAI-compatible upstream served on loopback.
+"""Helpers for testing code that uses keypool: a fake clock, a fault-injecting OpenAI-compatible
+upstream (an ASGI app), and a server that runs any ASGI app on a loopback port (needs uvicorn, the
+``testing`` extra).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
 
-__all__ = ["FakeClock"]
+from ._fake_upstream import FakeUpstream, Fault, KeyCounters
+from ._loopback import DropConnection, LoopbackServer, serve_asgi
+
+__all__ = [
+    "DropConnection",
+    "FakeClock",
+    "FakeUpstream",
+    "Fault",
+    "KeyCounters",
+    "LoopbackServer",
+    "serve_asgi",
+]
 
 
 class FakeClock:
@@ -44,16 +55,3 @@ class FakeClock:
 
     def __repr__(self) -> str:
         return f"FakeClock(now={self._now})"
-
-
-def __getattr__(name: str) -> Any:
-    # The upstream needs starlette/uvicorn (the ``testing`` extra): import it only when asked.
-    if name in {"FakeUpstream", "Fault", "KeyCounters"}:
-        from . import _fake_upstream
-
-        return getattr(_fake_upstream, name)
-    if name in {"LoopbackServer"}:
-        from . import _loopback
-
-        return getattr(_loopback, name)
-    raise AttributeError(name)

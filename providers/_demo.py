@@ -100,10 +100,18 @@ def _timeline(seconds: float) -> list[tuple[float, str, Callable[[FakeUpstream, 
     """(when, what the screen says, what to do) — faults in the upstream, one operator action."""
 
     def outage(*keys: str) -> Callable[[FakeUpstream, KeyPool], None]:
-        return lambda up, _pool: [up.set_fault(_secret(k), Fault.status(503)) for k in keys] and None
+        def act(up: FakeUpstream, _pool: KeyPool) -> None:
+            for k in keys:
+                up.set_fault(_secret(k), Fault.status(503))
+
+        return act
 
     def heal(*keys: str) -> Callable[[FakeUpstream, KeyPool], None]:
-        return lambda up, _pool: [up.clear_fault(_secret(k)) for k in keys] and None
+        def act(up: FakeUpstream, _pool: KeyPool) -> None:
+            for k in keys:
+                up.clear_fault(_secret(k))
+
+        return act
 
     def rate_limit(up: FakeUpstream, _pool: KeyPool) -> None:
         up.set_fault(_secret("key-3"), Fault.rate_limited(RATE_LIMIT_SECONDS))

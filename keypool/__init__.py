@@ -4,6 +4,7 @@ The public API is everything in ``__all__``; modules starting with ``_`` are pri
 """
 
 from ._breaker import BreakerSnapshot, BreakerState, CircuitBreaker, OpenReason, Permit, Transition
+from ._budget import RequestBudget, current_budget, request_budget
 from ._clock import Clock, MonotonicClock
 from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, fingerprint
 from ._errors import (
@@ -58,6 +59,7 @@ __all__ = [
     "PoolConfig",
     "PoolEvent",
     "ProviderConfig",
+    "RequestBudget",
     "StreamInterrupted",
     "SyncKeyPoolTransport",
     "TierCapacity",
@@ -67,6 +69,8 @@ __all__ = [
     "__version__",
     "classify_exception",
     "classify_status",
+    "current_budget",
     "fingerprint",
     "parse_retry_after",
+    "request_budget",
 ]

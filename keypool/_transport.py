@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx2
 
+from ._budget import RequestBudget, current_budget
 from ._errors import NoKeyAvailable, StreamInterrupted
 from ._outcome import Outcome, OutcomeKind, classify_exception, classify_status
 from ._pool import KeyPool, Lease
@@ -32,7 +33,12 @@ class _Plan:
     attempts_left: int
     deadline: float | None
     replayable: bool
+    shared: RequestBudget | None = None
     tried: set[str] = field(default_factory=set)
+
+    def served(self, provider: str, key_id: str) -> None:
+        if self.shared is not None:
+            self.shared.served_by = (provider, key_id)
 
     def can_retry(self, now: float) -> bool:
         return self.replayable and self.attempts_left > 0 and (self.deadline is None or now < self.deadline)
@@ -74,12 +80,21 @@ class _Base:
         return None
 
     def _plan(self, request: httpx2.Request) -> _Plan:
-        budget = self.max_attempts or len(self.pool.key_ids(self.provider))
+        attempts = max(1, self.max_attempts or len(self.pool.key_ids(self.provider)))
         now = self.pool.clock.now()
+        deadline = None if self.timeout is None else now + self.timeout
+        shared = current_budget()
+        if shared is not None:  # an enclosing request_budget() caps attempts and the deadline
+            attempts = max(1, min(attempts, shared.attempts_left))
+            left = shared.remaining_time()
+            if left is not None:
+                shared_deadline = now + max(0.0, left)
+                deadline = shared_deadline if deadline is None else min(deadline, shared_deadline)
         return _Plan(
-            attempts_left=max(1, budget),
-            deadline=None if self.timeout is None else now + self.timeout,
+            attempts_left=attempts,
+            deadline=deadline,
             replayable=isinstance(request.stream, httpx2.ByteStream),
+            shared=shared,
         )
 
     def _wait_budget(self, plan: _Plan) -> float | None:
@@ -90,6 +105,8 @@ class _Base:
     def _authorize(self, request: httpx2.Request, lease: Lease, plan: _Plan) -> None:
         plan.tried.add(lease.key_id)
         plan.attempts_left -= 1
+        if plan.shared is not None:
+            plan.shared.spend(self.provider, lease.key_id)
         secret = lease.secret.get_secret_value()
         value = f"{self.auth_scheme} {secret}" if self.auth_scheme else secret
         request.headers[self.auth_header] = value
@@ -157,7 +174,9 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             outcome = classify_status(response.status_code, response.headers)
             if outcome.kind is OutcomeKind.SUCCESS:
                 try:
-                    return await self._wrap(request, response, lease)
+                    wrapped = await self._wrap(request, response, lease)
+                    plan.served(self.provider, lease.key_id)
+                    return wrapped
                 except _RetryableStreamStart as failed:
                     if self._judge(lease, plan, failed.outcome):
                         last = failed.error
@@ -260,7 +279,9 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             outcome = classify_status(response.status_code, response.headers)
             if outcome.kind is OutcomeKind.SUCCESS:
                 try:
-                    return self._wrap(request, response, lease)
+                    wrapped = self._wrap(request, response, lease)
+                    plan.served(self.provider, lease.key_id)
+                    return wrapped
                 except _RetryableStreamStart as failed:
                     if self._judge(lease, plan, failed.outcome):
                         last = failed.error

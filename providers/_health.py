@@ -5,6 +5,7 @@ traffic, and a key whose breaker refuses calls is not probed (the skip is counte
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -69,15 +70,20 @@ def _request(base_url: str, probe: Probe, lease: Lease, header: str, scheme: str
     )
 
 
-def _leases(pool: KeyPool, provider: str) -> list[tuple[str, Lease | None]]:
-    """A lease per key whose breaker admits a probe now; ``None`` (and a skip event) otherwise."""
-    out: list[tuple[str, Lease | None]] = []
-    for key_id in pool.key_ids(provider):
-        lease = pool.try_acquire_key(provider, key_id)
-        if lease is None:
-            pool.note_rejected(provider, "probe_skipped", key_id)
-        out.append((key_id, lease))
-    return out
+def _lease_or_skip(pool: KeyPool, provider: str, key_id: str, first: bool) -> Lease | None:
+    """A lease if the key's breaker admits a probe now; a skipped probe is counted once."""
+    lease = pool.try_acquire_key(provider, key_id)
+    if lease is None and first:
+        pool.note_rejected(provider, "probe_skipped", key_id)
+    return lease
+
+
+def _again(row: KeyHealth, lease: Lease, rounds: int, pool: KeyPool, provider: str) -> bool:
+    """Probe a half-open key again after a successful trial, until it closes (or has had enough)."""
+    if row.result != "ok" or not lease.trial or row.state != "half_open":
+        return False
+    needed = pool.breaker_config(row.key_id, provider).success_threshold
+    return rounds < needed
 
 
 def _finish(
@@ -108,55 +114,86 @@ def _skipped(pool: KeyPool, provider: str, key_id: str) -> KeyHealth:
     return KeyHealth(key_id, "skipped", state=pool.key_stats(key_id, provider)["state"])
 
 
+_Sent = tuple[int | None, Exception | None]
+
+
+def _probe_rounds(
+    pool: KeyPool, provider: str, transport: Any, base_url: str, probe: Probe
+) -> Generator[httpx2.Request, _Sent, HealthReport]:
+    """The probing logic without I/O: yields each request, receives (status, error) back.
+
+    A half-open key is probed until its trials close it (``success_threshold`` successes), so a
+    recovered key is back within one round; an open key is skipped and the skip counted. The
+    sync and async drivers below only send the requests.
+    """
+    rows: list[KeyHealth] = []
+    for key_id in pool.key_ids(provider):
+        rounds = 0
+        while True:
+            lease = _lease_or_skip(pool, provider, key_id, first=rounds == 0)
+            if lease is None:
+                if rounds == 0:
+                    rows.append(_skipped(pool, provider, key_id))
+                break
+            rounds += 1
+            started = time.perf_counter()
+            try:
+                status, error = yield _request(
+                    base_url, probe, lease, transport.auth_header, transport.auth_scheme
+                )
+            except BaseException:  # cancelled while probing: give the trial slot back
+                lease.release()
+                raise
+            row = _finish(pool, provider, key_id, lease, status, error, started)
+            if not _again(row, lease, rounds, pool, provider):
+                rows.append(row)
+                break
+    return HealthReport(provider, tuple(rows))
+
+
 async def check_health(
     pool: KeyPool, provider: str, transport: Any, base_url: str, probe: Probe
 ) -> HealthReport:
-    """Probe every admitted key of ``provider`` once, sequentially, through its breaker."""
-    rows: list[KeyHealth] = []
-    for key_id, lease in _leases(pool, provider):
-        if lease is None:
-            rows.append(_skipped(pool, provider, key_id))
-            continue
-        started = time.perf_counter()
-        request = _request(base_url, probe, lease, transport.auth_header, transport.auth_scheme)
-        status: int | None = None
-        error: BaseException | None = None
-        try:
-            response = await transport.inner.handle_async_request(request)
-            status = response.status_code
-            await response.aread()
-            await response.aclose()
-        except Exception as exc:
-            error = exc
-        except BaseException:
-            lease.release()
-            raise
-        rows.append(_finish(pool, provider, key_id, lease, status, error, started))
-    return HealthReport(provider, tuple(rows))
+    """Probe every key of ``provider`` whose breaker admits a call, one after another."""
+    rounds = _probe_rounds(pool, provider, transport, base_url, probe)
+    try:
+        request = next(rounds)
+        while True:
+            try:
+                response = await transport.inner.handle_async_request(request)
+                await response.aread()
+                await response.aclose()
+                sent: _Sent = (response.status_code, None)
+            except Exception as exc:
+                sent = (None, exc)
+            except BaseException as exc:
+                rounds.throw(exc)
+                raise
+            request = rounds.send(sent)
+    except StopIteration as done:
+        report: HealthReport = done.value
+        return report
 
 
 def check_health_sync(
     pool: KeyPool, provider: str, transport: Any, base_url: str, probe: Probe
 ) -> HealthReport:
     """:func:`check_health` for sync clients."""
-    rows: list[KeyHealth] = []
-    for key_id, lease in _leases(pool, provider):
-        if lease is None:
-            rows.append(_skipped(pool, provider, key_id))
-            continue
-        started = time.perf_counter()
-        request = _request(base_url, probe, lease, transport.auth_header, transport.auth_scheme)
-        status: int | None = None
-        error: BaseException | None = None
-        try:
-            response = transport.inner.handle_request(request)
-            status = response.status_code
-            response.read()
-            response.close()
-        except Exception as exc:
-            error = exc
-        except BaseException:
-            lease.release()
-            raise
-        rows.append(_finish(pool, provider, key_id, lease, status, error, started))
-    return HealthReport(provider, tuple(rows))
+    rounds = _probe_rounds(pool, provider, transport, base_url, probe)
+    try:
+        request = next(rounds)
+        while True:
+            try:
+                response = transport.inner.handle_request(request)
+                response.read()
+                response.close()
+                sent: _Sent = (response.status_code, None)
+            except Exception as exc:
+                sent = (None, exc)
+            except BaseException as exc:
+                rounds.throw(exc)
+                raise
+            request = rounds.send(sent)
+    except StopIteration as done:
+        report: HealthReport = done.value
+        return report

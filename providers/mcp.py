@@ -1,0 +1,392 @@
+"""MCPClient: tool calls to MCP servers behind a circuit breaker per endpoint.
+
+The endpoints of one tool server (its replicas, each with its own token) are pooled like keys: a
+call goes to a healthy endpoint, fails over to another, and when every endpoint is open returns a
+structured fallback ``CallToolResult(is_error=True)`` saying which server, that the circuit is open
+and when to retry (or raises, with ``on_unavailable="raise"``). What counts against an endpoint:
+transport failures, protocol errors, timeouts and HTTP 5xx; a 401/403 quarantines its token; a 429
+keeps it out until its Retry-After. A tool's own error (``is_error=True``) counts against nothing.
+
+Each endpoint keeps one ``mcp.Client`` session, owned by a task of the ``MCPClient``'s own task
+group (so a failing session can never cancel a caller), re-established after a failure. Transport
+errors are answered inside the HTTP layer with a synthetic 503, so they surface at the call site as
+an ``MCPError`` instead of tearing down the session, and the HTTP status behind every call is
+observed there too, which is how a 401 is told from a 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+import httpx2
+from anyio.abc import TaskGroup
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import INVALID_PARAMS, CallToolResult, TextContent, Tool
+from pydantic import SecretStr
+
+from keypool import (
+    BreakerConfig,
+    Capacity,
+    Clock,
+    ConfigError,
+    KeyPool,
+    KeySpec,
+    Lease,
+    NoKeyAvailable,
+    Outcome,
+    OutcomeKind,
+    classify_status,
+    fingerprint,
+)
+
+from ._health import HealthReport, KeyHealth
+
+__all__ = ["MCPClient", "MCPEndpoint"]
+
+log = logging.getLogger("keypool.mcp")
+
+_SYNTHETIC = "x-keypool-synthetic"
+
+
+@dataclass(frozen=True, slots=True)
+class MCPEndpoint:
+    """One replica of a tool server: its streamable-HTTP URL, optional bearer token and id."""
+
+    url: str
+    token: SecretStr | None = None
+    key_id: str | None = None
+
+    def id(self) -> str:
+        return self.key_id or fingerprint(self.url, prefix="endpoint")
+
+
+@dataclass
+class _Observed:
+    """The HTTP side of one MCP call, filled in by the transport below."""
+
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    transport_error: str | None = None
+
+
+_observed: ContextVar[_Observed | None] = ContextVar("keypool_mcp_observed", default=None)
+
+
+class _ObservingTransport(httpx2.AsyncBaseTransport):
+    """Records each response's status for the calling task; turns transport errors into a 503."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        seen = _observed.get()
+        try:
+            response = await self.inner.handle_async_request(request)
+        except httpx2.TransportError as exc:
+            if seen is not None:
+                seen.status, seen.transport_error = 503, type(exc).__name__
+            return httpx2.Response(503, request=request, headers={_SYNTHETIC: "1"})
+        if seen is not None and (seen.status is None or response.status_code >= 400):
+            seen.status = response.status_code
+            seen.headers = {k.lower(): v for k, v in response.headers.items() if "retry" in k.lower()}
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Endpoint:
+    """An endpoint's session, owned by a task of the MCPClient's group."""
+
+    def __init__(self, spec: MCPEndpoint, http: httpx2.AsyncClient) -> None:
+        self.spec = spec
+        self.key_id = spec.id()
+        self.http = http
+        self.client: Client | None = None
+        self.error: BaseException | None = None
+        self.opened = anyio.Event()
+        self.closing = anyio.Event()
+        self.lock = anyio.Lock()
+        self.opening = _Observed()
+        self.tools: tuple[float, list[Tool]] | None = None
+
+
+def _classify(error: BaseException, seen: _Observed) -> Outcome:
+    """What a failed MCP call says about its endpoint."""
+    status = seen.status
+    if status is not None and status >= 400:
+        return classify_status(status, seen.headers)
+    if isinstance(error, MCPError) and error.code == INVALID_PARAMS:
+        return Outcome(OutcomeKind.CALLER_ERROR, detail="invalid params")
+    return Outcome(OutcomeKind.FAILURE, detail=type(error).__name__)
+
+
+class MCPClient:
+    """Tool calls to one MCP tool server with several endpoints, each behind its own breaker.
+
+    Use it as an async context manager (it owns the sessions' tasks)::
+
+        async with MCPClient("search-tools", ["http://10.0.0.5:8000/mcp", ...]) as tools:
+            result = await tools.call_tool("search", {"q": "keypool"})
+
+    ``call_timeout`` is one deadline for a call across all its attempts; ``wait_for_recovery``
+    lets a call wait that long for an endpoint expected back soon before falling back.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        endpoints: Sequence[str | MCPEndpoint],
+        *,
+        pool: KeyPool | None = None,
+        breaker: BreakerConfig | None = None,
+        on_unavailable: Literal["fallback", "raise"] = "fallback",
+        call_timeout: float = 30.0,
+        wait_for_recovery: float = 0.0,
+        tools_ttl: float = 300.0,
+        mode: Literal["auto", "legacy", "2026-07-28"] = "auto",
+        clock: Clock | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> None:
+        specs = [e if isinstance(e, MCPEndpoint) else MCPEndpoint(url=e) for e in endpoints]
+        if not specs:
+            raise ConfigError("endpoints: at least one MCP endpoint URL is required")
+        if on_unavailable not in ("fallback", "raise"):
+            raise ConfigError(f"on_unavailable: must be 'fallback' or 'raise' (got {on_unavailable!r})")
+        if call_timeout <= 0:
+            raise ConfigError(f"call_timeout: must be > 0 seconds (got {call_timeout})")
+        self.name = name
+        self.on_unavailable = on_unavailable
+        self.call_timeout = call_timeout
+        self.wait_for_recovery = wait_for_recovery
+        self.tools_ttl = tools_ttl
+        self.mode = mode
+        keys = [
+            KeySpec(
+                secret=s.token or SecretStr(f"no-token:{s.url}"),
+                key_id=s.id(),
+            )
+            for s in specs
+        ]
+        if pool is None:
+            pool = KeyPool(clock=clock)
+        if name not in pool.providers:
+            pool.add_provider({"name": name, "keys": keys, "breaker": breaker or BreakerConfig()})
+        self.pool = pool
+        self._transport = _ObservingTransport(transport or httpx2.AsyncHTTPTransport())
+        self._endpoints: dict[str, _Endpoint] = {}
+        for spec in specs:
+            headers = {"Authorization": f"Bearer {spec.token.get_secret_value()}"} if spec.token else {}
+            http = httpx2.AsyncClient(
+                headers=headers,
+                transport=self._transport,
+                timeout=httpx2.Timeout(300.0, connect=5.0),  # deadlines are per call, below
+            )
+            self._endpoints[spec.id()] = _Endpoint(spec, http)
+        self._group: TaskGroup | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        self._group = anyio.create_task_group()
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose(et, exc, tb)
+
+    async def aclose(
+        self,
+        et: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
+        """Close every session and HTTP client this object opened."""
+        for ep in self._endpoints.values():
+            ep.closing.set()
+        if self._group is not None:
+            group, self._group = self._group, None
+            group.cancel_scope.cancel()
+            await group.__aexit__(et, exc, tb)
+        for ep in self._endpoints.values():
+            await ep.http.aclose()
+        await self._transport.aclose()
+
+    async def _own(self, ep: _Endpoint) -> None:
+        """Hold an endpoint's session open until it is closed or breaks."""
+        ep.opening = _Observed()
+        _observed.set(ep.opening)
+        try:
+            async with Client(
+                streamable_http_client(ep.spec.url, http_client=ep.http), mode=self.mode
+            ) as client:
+                ep.client = client
+                ep.opened.set()
+                await ep.closing.wait()
+        except Exception as exc:
+            ep.error = exc
+        finally:
+            ep.client = None
+            ep.opened.set()
+
+    async def _session(self, ep: _Endpoint) -> Client:
+        if ep.client is not None:
+            return ep.client
+        if self._group is None:
+            raise ConfigError("MCPClient must be used inside 'async with MCPClient(...) as client:'")
+        async with ep.lock:
+            if ep.client is not None:
+                return ep.client
+            ep.opened, ep.closing, ep.error = anyio.Event(), anyio.Event(), None
+            self._group.start_soon(self._own, ep)
+            await ep.opened.wait()
+            if ep.client is None:
+                raise ep.error or MCPError(-32000, "session closed while opening")
+            return ep.client
+
+    def _drop(self, ep: _Endpoint) -> None:
+        """Forget a session after a failure; the next call opens a fresh one."""
+        ep.closing.set()
+        ep.client = None
+        ep.tools = None
+
+    # ------------------------------------------------------------------ calls
+
+    async def _attempt(self, lease: Lease, deadline: float, op: str, *args: Any) -> Any:
+        """One attempt on the leased endpoint; records the outcome on the lease."""
+        ep = self._endpoints[lease.key_id]
+        seen = _Observed()
+        token = _observed.set(seen)
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                client = await self._session(ep)
+                result: Any
+                if op == "call_tool":
+                    result = await client.call_tool(*args)
+                else:
+                    result = (await client.list_tools(cache_mode="bypass")).tools
+        except Exception as exc:
+            opening = ep.opening if ep.client is None else seen
+            outcome = _classify(exc, seen if seen.status else opening)
+            if outcome.kind is not OutcomeKind.CALLER_ERROR:
+                self._drop(ep)
+            lease.record(outcome)
+            raise
+        except BaseException:
+            lease.release()
+            raise
+        finally:
+            _observed.reset(token)
+        lease.success()
+        return result
+
+    async def _run(self, op: str, *args: Any, timeout: float | None = None) -> Any:
+        """Run ``op`` on endpoints in turn until one answers, the attempts or the deadline run out."""
+        deadline = time.monotonic() + (timeout or self.call_timeout)
+        tried: set[str] = set()
+        last: BaseException | None = None
+        while len(tried) < len(self._endpoints) and time.monotonic() < deadline:
+            try:
+                lease = await self.pool.acquire(self.name, timeout=self.wait_for_recovery, exclude=tried)
+            except NoKeyAvailable as exc:
+                return self._unavailable(exc, last)
+            tried.add(lease.key_id)
+            try:
+                return await self._attempt(lease, deadline, op, *args)
+            except Exception as exc:
+                if isinstance(exc, MCPError) and exc.code == INVALID_PARAMS:
+                    raise
+                last = exc
+        retry = self.pool.capacity(self.name).next_recovery_in
+        return self._unavailable(NoKeyAvailable(self.name, retry, "every endpoint tried failed"), last)
+
+    def _unavailable(self, exc: NoKeyAvailable, last: BaseException | None) -> CallToolResult:
+        if self.on_unavailable == "raise":
+            raise exc from last
+        retry = exc.retry_after
+        when = f"retry after {retry:.1f} s" if retry is not None else "no endpoint recovers by itself"
+        return CallToolResult(
+            content=[
+                TextContent(
+                    type="text",
+                    text=f"Tool server {self.name!r} is unavailable (circuit open); {when}.",
+                )
+            ],
+            structured_content={
+                "error": "circuit_open",
+                "server": self.name,
+                "retry_after": retry,
+                "endpoints": {row["key_id"]: row["state"] for row in self.pool.stats(self.name)},
+                "last_error": type(last).__name__ if last is not None else None,
+            },
+            is_error=True,
+        )
+
+    async def call_tool(
+        self, name: str, arguments: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> CallToolResult:
+        """Call a tool on a healthy endpoint; a structured fallback when none can take it."""
+        result: CallToolResult = await self._run("call_tool", name, dict(arguments or {}), timeout=timeout)
+        return result
+
+    async def list_tools(self, *, refresh: bool = False) -> list[Tool]:
+        """The server's tools, cached per endpoint for ``tools_ttl`` seconds."""
+        now = time.monotonic()
+        if not refresh:
+            for ep in self._endpoints.values():
+                if ep.tools is not None and ep.tools[0] > now:
+                    return list(ep.tools[1])
+        tools: Any = await self._run("list_tools")
+        if isinstance(tools, CallToolResult):  # every endpoint down
+            raise NoKeyAvailable(
+                self.name, tools.structured_content.get("retry_after") if tools.structured_content else None
+            )
+        for ep in self._endpoints.values():
+            if ep.client is not None:
+                ep.tools = (now + self.tools_ttl, list(tools))
+        return list(tools)
+
+    # ------------------------------------------------------------------ observation
+
+    def capacity(self) -> Capacity:
+        return self.pool.capacity(self.name)
+
+    async def health_check(self) -> HealthReport:
+        """Probe each endpoint whose breaker admits a call with a ``tools/list``; skip open ones."""
+        rows: list[KeyHealth] = []
+        for key_id in self.pool.key_ids(self.name):
+            lease = self.pool.try_acquire_key(self.name, key_id)
+            if lease is None:
+                self.pool.note_rejected(self.name, "probe_skipped", key_id)
+                rows.append(
+                    KeyHealth(key_id, "skipped", state=self.pool.key_stats(key_id, self.name)["state"])
+                )
+                continue
+            started = time.monotonic()
+            try:
+                await self._attempt(lease, started + self.call_timeout, "list_tools")
+                result: Literal["ok", "failed"] = "ok"
+            except Exception:
+                result = "failed"
+            rows.append(
+                KeyHealth(
+                    key_id,
+                    result,
+                    latency=time.monotonic() - started,
+                    state=self.pool.key_stats(key_id, self.name)["state"],
+                )
+            )
+        return HealthReport(self.name, tuple(rows))
+
+    def __repr__(self) -> str:
+        return f"MCPClient(name={self.name!r}, endpoints={list(self._endpoints)})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -375,7 +376,9 @@ class CircuitBreaker:
         now = self._clock()
         self._settle(now)
         cfg = self._config
-        wait = cfg.default_retry_after if retry_after is None or retry_after < 0 else retry_after
+        wait = cfg.default_retry_after
+        if retry_after is not None and retry_after >= 0:  # NaN fails this test too
+            wait = retry_after
         until = now + min(wait, cfg.max_retry_after)
         if until > self._throttled_until:
             if self._throttled_until <= now and not self._quarantined:
@@ -429,7 +432,17 @@ class CircuitBreaker:
     def _trip(self, now: float, reason: OpenReason) -> None:
         cfg = self._config
         self._streak += 1
-        duration = min(cfg.timeout * cfg.backoff_multiplier ** (self._streak - 1), cfg.max_timeout)
+        steps = self._streak - 1
+        # Compare logarithms first: after a long streak ``multiplier ** steps`` would overflow.
+        growth_to_cap = math.log(cfg.max_timeout / cfg.timeout)
+        if (
+            steps
+            and cfg.backoff_multiplier > 1.0
+            and steps * math.log(cfg.backoff_multiplier) >= growth_to_cap
+        ):
+            duration = cfg.max_timeout
+        else:
+            duration = min(cfg.timeout * cfg.backoff_multiplier**steps, cfg.max_timeout)
         if cfg.jitter:
             duration += duration * cfg.jitter * self._random()
         self._state = BreakerState.OPEN

@@ -46,12 +46,21 @@ def fingerprint(secret: str, prefix: str = "key") -> str:
     return f"{prefix}-{hashlib.sha256(secret.encode()).hexdigest()[:10]}"
 
 
+# Fields whose string values are labels, safe to echo back in an error message.
+_ECHOED_STRING_FIELDS = frozenset({"key_id", "name", "tier"})
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in error.get("loc", ())) or "config"
     message = str(error.get("msg", "invalid value"))
     secret_field = any("secret" in str(p) for p in error.get("loc", ()))
     whole_object = not error.get("loc") or isinstance(error.get("input"), Mapping)
-    if secret_field or whole_object or "input" not in error or error.get("type") == "missing":
+    # Any other string (or container of strings) may be a secret in the wrong place: a key list
+    # given as plain secrets, or a misspelt field such as ``api_key``. Echo numbers and labels only.
+    value = error.get("input")
+    label = bool(error.get("loc")) and str(error["loc"][-1]) in _ECHOED_STRING_FIELDS
+    echoable = value is None or isinstance(value, int | float) or (isinstance(value, str) and label)
+    if secret_field or whole_object or not echoable or "input" not in error or error.get("type") == "missing":
         return f"{loc}: {message}"
     shown = repr(error["input"])
     if len(shown) > 60:

@@ -168,6 +168,8 @@ def classify_exception(exc: BaseException) -> Outcome:
         return Outcome(OutcomeKind.FAILURE, detail=type(exc).__name__)
     if isinstance(exc, TimeoutError | ConnectionError):
         return Outcome(OutcomeKind.FAILURE, detail=type(exc).__name__)
+    if isinstance(exc, httpx2.HTTPStatusError):  # ``response.raise_for_status()``
+        return classify_status(exc.response.status_code, exc.response.headers)
     status = _openai_status(exc)
     if status is not None:
         response = getattr(exc, "response", None)

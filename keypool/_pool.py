@@ -518,11 +518,21 @@ class KeyPool:
                         return key
         return best
 
-    def _soonest(self, prov: _Provider, now: float) -> tuple[float | None, bool]:
-        """(seconds until the soonest scheduled recovery, whether some key is merely busy)."""
+    def _soonest(
+        self, prov: _Provider, now: float, exclude: frozenset[str] = frozenset()
+    ) -> tuple[float | None, bool]:
+        """(seconds until the soonest scheduled recovery, whether some key is merely busy).
+
+        Keys in ``exclude`` are left out: waiting for a key the caller will not take is pointless.
+        """
         wake = self._next_wake(prov)
+        if exclude and wake is not None:  # slow path, only while failing over
+            live = (at for at, _, k in prov.heap if at == k.scheduled_at and k.id not in exclude)
+            wake = min(live, default=None)
         soonest = None if wake is None else wake - now
-        busy = any(k.in_flight for k in prov.keys.values()) if soonest is None else False
+        busy = False
+        if soonest is None:
+            busy = any(k.in_flight for k in prov.keys.values() if k.id not in exclude)
         return soonest, busy
 
     def try_acquire(self, provider: str, *, exclude: Iterable[str] = ()) -> Lease:
@@ -530,7 +540,8 @@ class KeyPool:
         lease, _soon, _busy = self._try(provider, frozenset(exclude))
         if lease is None:
             self._emit([CallRejected(provider, "breaker_open")])
-            raise NoKeyAvailable(provider, _soon)
+            # ``None`` means "never by itself": a merely busy pool frees up shortly.
+            raise NoKeyAvailable(provider, _BUSY_POLL if _soon is None and _busy else _soon)
         return lease
 
     def _try(self, provider: str, exclude: frozenset[str]) -> tuple[Lease | None, float | None, bool]:
@@ -553,7 +564,7 @@ class KeyPool:
                 self._refresh(key, now, events)
                 lease = Lease(self, key, permit, now)
                 break
-            soon, busy = (None, False) if lease else self._soonest(prov, now)
+            soon, busy = (None, False) if lease else self._soonest(prov, now, exclude)
         if events:
             self._emit(events)
         return lease, soon, busy
@@ -592,7 +603,7 @@ class KeyPool:
             wait = min(wait, _BUSY_POLL)
         if deadline is None or now + wait > deadline:
             self._emit([CallRejected(provider, "breaker_open")])
-            raise NoKeyAvailable(provider, max(soon, 0.0) if soon is not None else None)
+            raise NoKeyAvailable(provider, max(soon, 0.0) if soon is not None else wait)
         return wait
 
     async def acquire(

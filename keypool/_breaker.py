@@ -380,8 +380,8 @@ class CircuitBreaker:
         if retry_after is not None and retry_after >= 0:  # NaN fails this test too
             wait = retry_after
         until = now + min(wait, cfg.max_retry_after)
-        if until > self._throttled_until:
-            if self._throttled_until <= now and not self._quarantined:
+        if until > self._throttled_until and until > now:
+            if self.state(now) is not BreakerState.OPEN:  # a trip only when the key goes out
                 self._trips += 1
                 self._open_reason = OpenReason.THROTTLED
             self._throttled_until = until
@@ -396,6 +396,8 @@ class CircuitBreaker:
         self._settle(now)
         if self._quarantined:
             return
+        if self.state(now) is not BreakerState.OPEN:  # a trip only when the key goes out
+            self._trips += 1
         self._quarantined = True
         self._state = BreakerState.OPEN
         self._open_reason = reason
@@ -404,7 +406,6 @@ class CircuitBreaker:
         self._failures = 0
         self._successes = 0
         self._trials.clear()
-        self._trips += 1
         self._note(now, reason.value)
 
     def reset(self) -> None:

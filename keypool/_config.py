@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Literal, TypeVar
 
 from pydantic import (
@@ -68,24 +69,42 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{loc}: {message} (got {shown})"
 
 
+def _summary(exc: ValidationError) -> str:
+    """One line per real problem: a list's "too short" echo of its failing items is dropped."""
+    errors = exc.errors(include_url=False)
+    inner = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
+    kept = [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in inner)]
+    return "; ".join(_describe(e) for e in kept)
+
+
+_validating: ContextVar[bool] = ContextVar("keypool_validating", default=False)
+
+
 def validate(model: type[_M], data: Any) -> _M:
     """Validate ``data`` into ``model``, turning pydantic's error into a :class:`ConfigError`."""
+    token = _validating.set(True)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors(include_url=False)]
-        raise ConfigError(f"invalid {model.__name__}: " + "; ".join(lines)) from None
+        raise ConfigError(f"invalid {model.__name__}: " + _summary(exc)) from None
+    finally:
+        _validating.reset(token)
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     def __init__(self, /, **data: Any) -> None:
+        if _validating.get():  # nested model: let the outermost one report every error once
+            super().__init__(**data)
+            return
+        token = _validating.set(True)
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            lines = [_describe(e) for e in exc.errors(include_url=False)]
-            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(lines)) from None
+            raise ConfigError(f"invalid {type(self).__name__}: " + _summary(exc)) from None
+        finally:
+            _validating.reset(token)
 
 
 class BreakerConfig(_Model):
@@ -162,16 +181,26 @@ class ProviderConfig(_Model):
     backup_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="primary healthy share below which backup keys serve"
     )
+    probation: float = Field(
+        0.25,
+        ge=0.0,
+        le=60.0,
+        description="seconds a new key carries one call at a time until its first success",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ProviderConfig:
         seen: set[str] = set()
+        secrets: dict[str, str] = {}
         for spec in self.keys:
             if spec.id in seen:
                 raise ValueError(
                     f"duplicate key id {spec.id!r} (the same secret twice, or a repeated key_id)"
                 )
             seen.add(spec.id)
+            other = secrets.setdefault(spec.secret.get_secret_value(), spec.id)
+            if other != spec.id:
+                raise ValueError(f"keys {other!r} and {spec.id!r} have the same secret")
         return self
 
 

@@ -140,6 +140,8 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         seconds = _parse_duration(value)
         if seconds is None or seconds != seconds or seconds in (float("inf"), float("-inf")):
             continue
+        if seconds >= _EPOCH_THRESHOLD * 1000:  # epoch milliseconds
+            seconds = seconds / 1000.0
         if seconds >= _EPOCH_THRESHOLD:
             seconds = seconds - wall
         if seconds >= 0:

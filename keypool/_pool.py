@@ -117,7 +117,8 @@ class _Key:
         "id",
         "in_flight",
         "index",
-        "override",
+        "probation_until",
+        "proven",
         "provider",
         "removed",
         "scheduled_at",
@@ -138,7 +139,8 @@ class _Key:
         self.category = "closed"
         self.scheduled_at: float | None = None
         self.removed = False
-        self.override: BreakerConfig | None = None
+        self.proven = False  # no success yet: on probation (one call at a time, briefly)
+        self.probation_until: float | None = None
         self.index = self.tier.sampler.append(0)
         self.tier.keys.append(self)
         self.tier.counts["closed"] += 1
@@ -152,11 +154,24 @@ class _Key:
             return "throttled" if b.throttled_until > now else "open"
         return state.label
 
+    def on_probation(self, now: float) -> bool:
+        """A key not yet proven by a success carries one call at a time for its first moments,
+        so a key that is dead or rate-limited from the start wastes one call, not a burst."""
+        return (
+            not self.proven
+            and self.in_flight > 0
+            and self.probation_until is not None
+            and now < self.probation_until
+            and self.breaker.state(now) is BreakerState.CLOSED  # trials have their own limit
+        )
+
     def admits(self, now: float) -> bool:
         if self.removed or not self.breaker.can_admit(now):
             return False
         cap = self.spec.max_concurrency
         if cap is not None and self.in_flight >= cap:
+            return False
+        if self.on_probation(now):
             return False
         # Lean away from a failing key: never more calls in flight than failures it has left
         # before tripping, so a dead key wastes at most failure_threshold calls per trip.
@@ -244,9 +259,6 @@ class Lease:
         return self._done
 
     def record(self, outcome: Outcome) -> None:
-        if self._done:
-            return
-        self._done = True
         self._pool._record(self, self._permit, outcome, self._started)
 
     def success(self) -> None:
@@ -384,7 +396,7 @@ class KeyPool:
 
     def key_ids(self, provider: str | None = None) -> list[str]:
         with self._lock:
-            provs = [self._provider(provider)] if provider else list(self._providers.values())
+            provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
             return [k for p in provs for k in p.keys]
 
     def _provider(self, name: str) -> _Provider:
@@ -394,7 +406,7 @@ class KeyPool:
             raise UnknownProviderError(name, self._providers) from None
 
     def _key(self, provider: str | None, key_id: str) -> _Key:
-        provs = [self._provider(provider)] if provider else list(self._providers.values())
+        provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
         for prov in provs:
             if key_id in prov.keys:
                 return prov.keys[key_id]
@@ -411,6 +423,16 @@ class KeyPool:
 
     def _emit(self, events: list[PoolEvent]) -> None:
         for event in events:
+            if isinstance(event, KeyStateChanged):
+                log.log(
+                    logging.WARNING if event.new is BreakerState.OPEN else logging.INFO,
+                    "circuit_breaker provider=%s key_id=%s %s -> %s (%s)",
+                    event.provider,
+                    event.key_id,
+                    event.old.label,
+                    event.new.label,
+                    event.reason,
+                )
             for hook in self._hooks:
                 try:
                     hook(event)
@@ -442,6 +464,8 @@ class KeyPool:
             key.category = category
         wake = breaker.next_transition_at(now)
         admits = breaker.admits_at(now)
+        if key.on_probation(now) and key.probation_until is not None:
+            admits = max(admits, key.probation_until) if admits is not None else None
         if admits is not None and admits > now and (wake is None or admits < wake):
             wake = admits
         # A heap entry is live only while it matches the key's scheduled_at: a reset, quarantine or
@@ -480,14 +504,16 @@ class KeyPool:
             reason = "primary_unhealthy" if active else "primary_recovered"
         if active != prov.backup_active:
             prov.backup_active = active
-            events.append(BackupTierChanged(prov.name, active, reason))
+            if prov.tiers["backup"].keys:  # nothing to announce for a provider without backups
+                events.append(BackupTierChanged(prov.name, active, reason))
 
     # ------------------------------------------------------------------ selection
 
     def _pick(self, prov: _Provider, now: float, exclude: frozenset[str]) -> _Key | None:
         tiers = [prov.tiers["primary"]]
         backup = prov.tiers["backup"]
-        if backup.keys and (prov.backup_active or tiers[0].sampler.total == 0):
+        spill = tiers[0].sampler.total == 0 and prov.backup_forced is not False
+        if backup.keys and (prov.backup_active or spill):
             tiers.append(backup)
         totals = [t.sampler.total for t in tiers]
         grand = sum(totals)
@@ -561,6 +587,8 @@ class KeyPool:
                     continue
                 key.in_flight += 1
                 key.tier.in_flight += 1
+                if not key.proven and key.probation_until is None:
+                    key.probation_until = now + prov.config.probation
                 self._refresh(key, now, events)
                 lease = Lease(self, key, permit, now)
                 break
@@ -601,7 +629,7 @@ class KeyPool:
         wait = max(soon, 0.0) if soon is not None else _BUSY_POLL
         if busy and soon is not None:
             wait = min(wait, _BUSY_POLL)
-        if deadline is None or now + wait > deadline:
+        if deadline is not None and now + wait > deadline:
             self._emit([CallRejected(provider, "breaker_open")])
             raise NoKeyAvailable(provider, max(soon, 0.0) if soon is not None else wait)
         return wait
@@ -609,7 +637,7 @@ class KeyPool:
     async def acquire(
         self, provider: str, *, timeout: float | None = None, exclude: Iterable[str] = ()
     ) -> Lease:
-        """Lease a key, waiting up to ``timeout`` seconds for one to recover.
+        """Lease a key, waiting up to ``timeout`` seconds (``None``: no limit) for one to recover.
 
         Waits only when a key is expected back inside the deadline (or is merely busy); otherwise
         raises :class:`NoKeyAvailable` at once with ``retry_after``.
@@ -638,10 +666,14 @@ class KeyPool:
         events: list[PoolEvent] = []
         key = lease.key
         with self._lock:
+            if lease._done:  # one outcome per lease, even when two threads race to report
+                return
+            lease._done = True
             now = self._now()
             breaker = key.breaker
             kind = outcome.kind
             if kind is OutcomeKind.SUCCESS:
+                key.proven = True
                 breaker.record_success(permit)
             elif kind is OutcomeKind.FAILURE:
                 breaker.record_failure(permit)
@@ -698,7 +730,7 @@ class KeyPool:
         )
         if not any_eligible and not busy_only:
             status = "down"
-        elif share <= 0.5:
+        elif share < 0.5:  # the runbook's "majority open", the same line as the backup tier
             status = "critical"
         elif closed < total:
             status = "degraded"
@@ -755,7 +787,7 @@ class KeyPool:
         """Every key's breaker in the runbook's JSON shape (plus a few extra fields)."""
         with self._lock:
             now = self._now()
-            provs = [self._provider(provider)] if provider else list(self._providers.values())
+            provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
             return [self._key_stats(k, now) for p in provs for k in p.keys.values()]
 
     def key_stats(self, key_id: str, provider: str | None = None) -> dict[str, Any]:
@@ -797,12 +829,17 @@ class KeyPool:
         with self._lock:
             if key_id is not None:
                 return [self._key(provider, key_id)]
-            provs = [self._provider(provider)] if provider else list(self._providers.values())
+            provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
             return [k for p in provs for k in p.keys.values()]
 
     def reset(self, provider: str | None = None, key_id: str | None = None) -> int:
         """Close breakers (one key, one provider, or all) and clear throttles and quarantines."""
-        return self._mutate(self._select(provider, key_id), lambda k: k.breaker.reset())
+
+        def reset(key: _Key) -> None:
+            key.breaker.reset()
+            key.proven, key.probation_until = False, None  # a rotated key proves itself again
+
+        return self._mutate(self._select(provider, key_id), reset)
 
     def trip(self, provider: str | None = None, key_id: str | None = None) -> int:
         """Open breakers now, as if their failure threshold had been reached."""
@@ -831,7 +868,7 @@ class KeyPool:
         with self._lock:
             provs: list[_Provider] = []
             if key_id is None:
-                provs = [self._provider(provider)] if provider else list(self._providers.values())
+                provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
             # Validate every provider's new default before changing any of them.
             defaults = [(prov, prov.config.breaker.updated(changes)) for prov in provs]
             for prov, breaker in defaults:

@@ -56,6 +56,7 @@ def make_pool(
     hooks: tuple[Any, ...] = (),
     max_concurrency: int | None = None,
     backup_threshold: float = 0.5,
+    probation: float = 0.0,
 ) -> KeyPool:
     keys: list[dict[str, Any]] = [
         {
@@ -69,7 +70,13 @@ def make_pool(
     keys += [
         {"secret": f"sk-test-backup-{i}-xxxxxxxx", "key_id": f"b{i}", "tier": "backup"} for i in range(backup)
     ]
-    provider = {"name": P, "keys": keys, "breaker": breaker or {}, "backup_threshold": backup_threshold}
+    provider = {
+        "name": P,
+        "keys": keys,
+        "breaker": breaker or {},
+        "backup_threshold": backup_threshold,
+        "probation": probation,  # tested on its own below; off so mechanics tests can hold leases
+    }
     return KeyPool({"providers": [provider]}, clock=clock, seed=seed, hooks=hooks)
 
 
@@ -516,12 +523,70 @@ async def test_acquire_polls_while_keys_are_merely_busy(clock: FakeClock) -> Non
     assert all(s <= 0.01 for s in clock.slept)
 
 
-def test_acquire_without_a_timeout_does_not_wait(clock: FakeClock) -> None:
+def test_acquire_with_a_zero_timeout_does_not_wait(clock: FakeClock) -> None:
     pool = make_pool(clock, primary=1)
     pool.trip(P)
     with pytest.raises(NoKeyAvailable):
-        pool.acquire_sync(P)
+        pool.acquire_sync(P, timeout=0)
     assert clock.slept == []
+
+
+def test_acquire_without_a_timeout_waits_as_long_as_recovery_takes(clock: FakeClock) -> None:
+    pool = make_pool(clock, primary=1)
+    pool.trip(P)
+    lease = pool.acquire_sync(P)
+    assert lease.trial
+    assert sum(clock.slept) == pytest.approx(60.0)
+
+
+def test_acquire_without_a_timeout_does_not_wait_for_quarantined_keys(clock: FakeClock) -> None:
+    pool = make_pool(clock, primary=1)
+    pool.quarantine("k0", P)
+    with pytest.raises(NoKeyAvailable) as info:
+        pool.acquire_sync(P)
+    assert info.value.retry_after is None
+    assert clock.slept == []
+
+
+# ---------------------------------------------------------------------------------- probation
+
+
+def test_a_new_key_carries_one_call_at_a_time_until_it_succeeds(clock: FakeClock) -> None:
+    pool = make_pool(clock, primary=1, probation=0.25)
+    first = pool.try_acquire(P)
+    with pytest.raises(NoKeyAvailable) as info:
+        pool.try_acquire(P)
+    assert info.value.retry_after == pytest.approx(0.25)
+    first.success()
+    leases = [pool.try_acquire(P) for _ in range(10)]  # proven: no limit any more
+    assert len(leases) == 10
+
+
+def test_probation_ends_by_itself_after_its_window(clock: FakeClock) -> None:
+    pool = make_pool(clock, primary=1, probation=0.25)
+    pool.try_acquire(P)  # never reports back
+    clock.advance(0.25)
+    assert pool.try_acquire(P).key_id == "k0"
+
+
+def test_a_key_dead_from_the_start_costs_one_call_not_a_burst(clock: FakeClock) -> None:
+    pool = make_pool(clock, primary=2, probation=0.25)
+    taken = [pool.try_acquire(P) for _ in range(2)]
+    assert sorted(lease.key_id for lease in taken) == ["k0", "k1"]
+    with pytest.raises(NoKeyAvailable):  # both keys are on probation with a call in flight
+        pool.try_acquire(P)
+    dead = next(lease for lease in taken if lease.key_id == "k0")
+    dead.record(Outcome(OutcomeKind.THROTTLED, 429, 30.0))
+    assert pool.key_stats("k0", P)["state"] == "open"
+
+
+def test_reset_puts_a_key_back_on_probation(clock: FakeClock) -> None:
+    pool = make_pool(clock, primary=1, probation=0.25)
+    pool.try_acquire(P).success()
+    pool.reset(P, "k0")
+    pool.try_acquire(P)
+    with pytest.raises(NoKeyAvailable):
+        pool.try_acquire(P)
 
 
 # ---------------------------------------------------------------------------------- capacity
@@ -543,7 +608,8 @@ def test_capacity_counts_and_status(clock: FakeClock) -> None:
     pool.try_acquire(P, exclude={"k2", "k3", "b0", "b1"}).record(Outcome(OutcomeKind.THROTTLED, 429, 10.0))
     pool.quarantine("k2")
     cap = pool.capacity(P)
-    assert (cap.closed, cap.open, cap.throttled, cap.quarantined, cap.status) == (3, 3, 1, 1, "critical")
+    # Exactly half closed is not "majority open": degraded, like the alert and the backup tier.
+    assert (cap.closed, cap.open, cap.throttled, cap.quarantined, cap.status) == (3, 3, 1, 1, "degraded")
     assert cap.healthy_share == 0.5
     assert cap.next_recovery_in == 10.0  # the throttled key
     assert (cap.primary.open, cap.primary.throttled, cap.primary.quarantined) == (1, 1, 1)

@@ -74,10 +74,14 @@ class _Base:
         self.sse_terminator = sse_terminator
 
     def _expects_terminator(self, response: httpx2.Response) -> bytes | None:
-        """The marker an event stream must end with (e.g. ``[DONE]``), if this transport checks it."""
-        if self.sse_terminator and "text/event-stream" in response.headers.get("content-type", ""):
+        """The marker this event stream must end with (e.g. ``[DONE]``), if this transport checks it."""
+        if self.sse_terminator and _is_event_stream(response):
             return self.sse_terminator
         return None
+
+    def _end_check(self, response: httpx2.Response) -> _EndCheck:
+        """How the end of this response's body is judged."""
+        return _EndCheck(self._expects_terminator(response), _is_event_stream(response))
 
     def _plan(self, request: httpx2.Request) -> _Plan:
         attempts = max(1, self.max_attempts or len(self.pool.key_ids(self.provider)))
@@ -215,7 +219,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             raise
-        wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease, self._expects_terminator(response))
+        wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease, self._end_check(response))
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -316,7 +320,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             lease.release()
             stream.close()
             raise
-        wrapped = _LeasedSyncStream(self, stream, chunks, first, lease, self._expects_terminator(response))
+        wrapped = _LeasedSyncStream(self, stream, chunks, first, lease, self._end_check(response))
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -351,27 +355,50 @@ def _idle(seconds: float | None) -> contextlib.AbstractContextManager[object]:
     return anyio.fail_after(seconds) if seconds else contextlib.nullcontext()
 
 
+_DONE = b"[DONE]"  # the OpenAI-style end-of-stream event
+
+
+def _is_event_stream(response: httpx2.Response) -> bool:
+    return "text/event-stream" in response.headers.get("content-type", "")
+
+
 class _EndCheck:
-    """Remembers the tail of a body to tell a complete event stream from a truncated one."""
+    """Remembers the tail of an event stream to tell a complete one from a truncated one.
 
-    __slots__ = ("_tail", "_terminator")
+    ``required`` is the marker a stream must end with to count as a success (``None``: any clean
+    end will do). Separately, a stream the caller closes right after the ``[DONE]`` event (as the
+    sync ``openai`` client does) was complete, so it records a success rather than nothing.
+    """
 
-    def __init__(self, terminator: bytes | None) -> None:
-        self._terminator = terminator
+    __slots__ = ("_event_stream", "_required", "_tail")
+
+    def __init__(self, required: bytes | None, event_stream: bool) -> None:
+        self._required = required
+        self._event_stream = event_stream
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        if self._terminator is not None:
-            self._tail = (self._tail + chunk)[-(len(self._terminator) + 64) :]
+        if self._event_stream:
+            self._tail = (self._tail + chunk)[-128:]
+
+    def _seen(self, marker: bytes) -> bool:
+        return marker in self._tail
 
     def finish(self, lease: Lease) -> None:
-        """Record the clean end: success, or a failure if the terminator never came."""
-        if self._terminator is None or self._terminator in self._tail:
+        """Record the clean end: success, or a failure if the required marker never came."""
+        if self._required is None or self._seen(self._required):
             lease.success()
             return
         lease.failure("stream ended without its terminator")
-        marker = self._terminator.decode(errors="replace")
+        marker = self._required.decode(errors="replace")
         raise StreamInterrupted(lease.provider, lease.key_id, f"stream ended without {marker!r}")
+
+    def closed_early(self, lease: Lease) -> None:
+        """The caller closed the body before its end: a success if the stream was complete."""
+        if self._event_stream and self._seen(self._required or _DONE):
+            lease.success()
+        else:
+            lease.release()  # a caller closing early blames nobody
 
 
 class _LeasedAsyncStream(httpx2.AsyncByteStream):
@@ -384,14 +411,14 @@ class _LeasedAsyncStream(httpx2.AsyncByteStream):
         chunks: AsyncIterator[bytes],
         first: bytes | None,
         lease: Lease,
-        terminator: bytes | None,
+        end: _EndCheck,
     ) -> None:
         self._owner = owner
         self._stream = stream
         self._chunks = chunks
         self._first = first
         self._lease = lease
-        self._end = _EndCheck(terminator)
+        self._end = end
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         lease = self._lease
@@ -422,7 +449,7 @@ class _LeasedAsyncStream(httpx2.AsyncByteStream):
         self._end.finish(lease)
 
     async def aclose(self) -> None:
-        self._lease.release()  # no-op after an outcome: a caller closing early blames nobody
+        self._end.closed_early(self._lease)  # no-op after an outcome
         await self._stream.aclose()
 
 
@@ -434,14 +461,14 @@ class _LeasedSyncStream(httpx2.SyncByteStream):
         chunks: Iterator[bytes],
         first: bytes | None,
         lease: Lease,
-        terminator: bytes | None,
+        end: _EndCheck,
     ) -> None:
         self._owner = owner
         self._stream = stream
         self._chunks = chunks
         self._first = first
         self._lease = lease
-        self._end = _EndCheck(terminator)
+        self._end = end
 
     def __iter__(self) -> Iterator[bytes]:
         lease = self._lease
@@ -462,5 +489,5 @@ class _LeasedSyncStream(httpx2.SyncByteStream):
         self._end.finish(lease)
 
     def close(self) -> None:
-        self._lease.release()
+        self._end.closed_early(self._lease)  # no-op after an outcome
         self._stream.close()

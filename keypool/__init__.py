@@ -3,6 +3,8 @@
 The public API is everything in ``__all__``; modules starting with ``_`` are private.
 """
 
+import logging
+
 from ._breaker import BreakerSnapshot, BreakerState, CircuitBreaker, OpenReason, Permit, Transition
 from ._budget import RequestBudget, current_budget, request_budget
 from ._clock import Clock, MonotonicClock
@@ -29,6 +31,9 @@ from ._pool import Capacity, CapacityStatus, KeyPool, Lease, TierCapacity
 from ._transport import KeyPoolTransport, SyncKeyPoolTransport
 
 __version__ = "0.1.0"
+
+# A library logs to its own logger and leaves output to the application.
+logging.getLogger("keypool").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackupTierChanged",

@@ -184,6 +184,16 @@ class CircuitBreaker:
         return self._quarantined
 
     @property
+    def quarantine_reason(self) -> str | None:
+        return self._open_reason.value if self._quarantined and self._open_reason else None
+
+    def tripped_until(self) -> float | None:
+        """The open deadline while the breaker is tripped (open or half-open), else ``None``."""
+        if self._state is BreakerState.CLOSED and not self._quarantined:
+            return None
+        return self._open_until
+
+    @property
     def throttled_until(self) -> float:
         """The Retry-After instant of the last 429 (0.0 if never throttled); may be in the past."""
         return self._throttled_until
@@ -342,21 +352,24 @@ class CircuitBreaker:
             self._trials.pop(permit.token, None)
         return permit.generation == self._generation and not self._quarantined
 
-    def record_success(self, permit: Permit) -> None:
+    def record_success(self, permit: Permit) -> bool:
+        """Count a success; ``False`` if the permit was stale and moved nothing."""
         self._total_successes += 1
         if not self._finish(permit):
-            return
+            return False
         if self._state is BreakerState.CLOSED:
             self._failures = 0
         elif self._state is BreakerState.HALF_OPEN and permit.trial:
             self._successes += 1
             if self._successes >= self._config.success_threshold:
                 self._close(self._clock(), "trial_succeeded")
+        return True
 
-    def record_failure(self, permit: Permit) -> None:
+    def record_failure(self, permit: Permit) -> bool:
+        """Count a failure; ``False`` if the permit was stale and moved nothing."""
         self._total_failures += 1
         if not self._finish(permit):
-            return
+            return False
         now = self._clock()
         if self._state is BreakerState.CLOSED:
             self._failures += 1
@@ -364,6 +377,7 @@ class CircuitBreaker:
                 self._trip(now, OpenReason.FAILURES)
         elif self._state is BreakerState.HALF_OPEN and permit.trial:
             self._trip(now, OpenReason.TRIAL_FAILED)
+        return True
 
     def release(self, permit: Permit) -> None:
         """Hand a permit back without an outcome (caller error, cancellation, ignored result)."""
@@ -427,6 +441,57 @@ class CircuitBreaker:
         now = self._clock()
         self._settle(now)
         self._trip(now, reason)
+
+    def adopt(
+        self,
+        *,
+        open_: bool,
+        open_until: float,
+        throttled_until: float,
+        quarantine: OpenReason | None,
+        reason: OpenReason | None,
+        failures: int,
+        successes: int,
+    ) -> None:
+        """Take on the state another process decided (a shared store's view).
+
+        Keeps this breaker's own trial slots while the key is half-open everywhere; the
+        transitions it causes are noted (and counted as trips) like local ones.
+        """
+        now = self._clock()
+        self._settle(now)
+        was_out = self.state(now) is BreakerState.OPEN
+        if quarantine is not None:
+            if not self._quarantined:
+                self._quarantined = True
+                self._state = BreakerState.OPEN
+                self._open_reason = quarantine
+                self._generation += 1
+                self._trials.clear()
+        else:
+            self._quarantined = False
+            probing_already = self._state is BreakerState.HALF_OPEN and open_ and open_until <= now
+            if open_ and not probing_already:
+                if self._state is not BreakerState.OPEN:
+                    self._generation += 1
+                    self._trials.clear()
+                    self._successes = 0
+                self._state = BreakerState.OPEN
+                self._open_until = open_until
+                self._open_reason = reason or OpenReason.FAILURES
+            elif not open_ and self._state is not BreakerState.CLOSED:
+                self._close(now, "shared")
+            if probing_already:
+                self._successes = max(self._successes, successes)
+            if self._state is BreakerState.CLOSED:
+                self._failures = failures
+        if throttled_until > now and self._throttled_until <= now and not self._quarantined:
+            self._open_reason = OpenReason.THROTTLED
+        self._throttled_until = throttled_until
+        if not was_out and self.state(now) is BreakerState.OPEN:
+            self._trips += 1
+        self._note(now, "shared")
+        self._settle(now)
 
     # ------------------------------------------------------------------ internal moves
 

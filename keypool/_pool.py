@@ -13,6 +13,7 @@ import heapq
 import logging
 import random
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,6 +35,8 @@ from ._events import (
 )
 from ._outcome import IGNORED, SUCCESS, Outcome, OutcomeKind, classify_exception
 from ._sampler import WeightedSampler
+from .store._base import SharedStore, SharedView
+from .store._model import Op
 
 __all__ = ["Capacity", "CapacityStatus", "KeyPool", "Lease", "TierCapacity"]
 
@@ -122,6 +125,7 @@ class _Key:
         "provider",
         "removed",
         "scheduled_at",
+        "shared_failures",
         "spec",
         "tier",
         "units",
@@ -139,6 +143,7 @@ class _Key:
         self.category = "closed"
         self.scheduled_at: float | None = None
         self.removed = False
+        self.shared_failures = 0  # consecutive failures all pools together have seen (shared store)
         self.proven = False  # no success yet: on probation (one call at a time, briefly)
         self.probation_until: float | None = None
         self.index = self.tier.sampler.append(0)
@@ -309,8 +314,11 @@ class KeyPool:
         clock: Clock | None = None,
         hooks: Iterable[Hook] = (),
         seed: int | None = None,
+        store: SharedStore | None = None,
     ) -> None:
         self._clock: Clock = clock or MonotonicClock()
+        self._store: SharedStore | None = None
+        self._instance = uuid.uuid4().hex[:12]  # names this pool's trial slots in a shared store
         self._now = self._clock.now
         self._lock = threading.Lock()
         self._providers: dict[str, _Provider] = {}
@@ -320,6 +328,9 @@ class KeyPool:
             cfg = config if isinstance(config, PoolConfig) else validate(PoolConfig, config)
             for provider in cfg.providers:
                 self.add_provider(provider)
+        if store is not None:
+            self._store = store
+            store.bind(self)
 
     @classmethod
     def from_keys(
@@ -367,6 +378,8 @@ class KeyPool:
             self._providers[cfg.name] = prov
             for spec in cfg.keys:
                 self._add_key(prov, spec)
+        if self._store is not None:
+            self._store.bind(self)  # share the new keys too
 
     def add_key(self, provider: str, key: KeySpec | str) -> str:
         """Add a key at run time; returns its id."""
@@ -563,12 +576,31 @@ class KeyPool:
 
     def try_acquire(self, provider: str, *, exclude: Iterable[str] = ()) -> Lease:
         """Lease a key now, or raise :class:`NoKeyAvailable` (never waits)."""
-        lease, _soon, _busy = self._try(provider, frozenset(exclude))
+        lease, _soon, _busy = self._take(provider, frozenset(exclude))
         if lease is None:
             self._emit([CallRejected(provider, "breaker_open")])
             # ``None`` means "never by itself": a merely busy pool frees up shortly.
             raise NoKeyAvailable(provider, _BUSY_POLL if _soon is None and _busy else _soon)
         return lease
+
+    def _take(self, provider: str, exclude: frozenset[str]) -> tuple[Lease | None, float | None, bool]:
+        """:meth:`_try`, plus a shared trial slot for half-open keys when a store is shared."""
+        while True:
+            lease, soon, busy = self._try(provider, exclude)
+            if lease is None or self._claimed(lease):
+                return lease, soon, busy
+            exclude = exclude | {lease.key_id}  # every trial slot is taken elsewhere: next key
+            busy = True
+
+    def _claimed(self, lease: Lease) -> bool:
+        """Whether a trial lease holds a slot in the shared store too (always, without a store)."""
+        if self._store is None or not lease.trial:
+            return True
+        token = f"{self._instance}:{lease._permit.token}"
+        if self._store.claim(lease.provider, lease.key_id, token, lease.key.breaker.config):
+            return True
+        lease.release()
+        return False
 
     def _try(self, provider: str, exclude: frozenset[str]) -> tuple[Lease | None, float | None, bool]:
         events: list[PoolEvent] = []
@@ -614,7 +646,7 @@ class KeyPool:
                 lease = Lease(self, key, permit, now)
             self._refresh(key, now, events)
         self._emit(events)
-        return lease
+        return lease if lease is None or self._claimed(lease) else None
 
     def note_rejected(self, provider: str, reason: str, key_id: str | None = None) -> None:
         """Tell observers a call was refused before reaching a key (e.g. ``load_shed``, ``probe_skipped``)."""
@@ -645,7 +677,7 @@ class KeyPool:
         excluded = frozenset(exclude)
         deadline = None if timeout is None else self._now() + timeout
         while True:
-            lease, soon, busy = self._try(provider, excluded)
+            lease, soon, busy = self._take(provider, excluded)
             if lease is not None:
                 return lease
             await self._clock.sleep(self._wait_plan(provider, soon, busy, deadline))
@@ -657,7 +689,7 @@ class KeyPool:
         excluded = frozenset(exclude)
         deadline = None if timeout is None else self._now() + timeout
         while True:
-            lease, soon, busy = self._try(provider, excluded)
+            lease, soon, busy = self._take(provider, excluded)
             if lease is not None:
                 return lease
             self._clock.sleep_sync(self._wait_plan(provider, soon, busy, deadline))
@@ -672,19 +704,28 @@ class KeyPool:
             now = self._now()
             breaker = key.breaker
             kind = outcome.kind
+            token = f"{self._instance}:{permit.token}" if permit.trial else ""
+            share: tuple[Op, int, str] | None = ("release", 0, "") if permit.trial else None
             if kind is OutcomeKind.SUCCESS:
                 key.proven = True
-                breaker.record_success(permit)
+                had_failures = breaker.failure_count > 0 or key.shared_failures > 0
+                if breaker.record_success(permit) and (permit.trial or had_failures):
+                    share = ("success", 0, "")  # a healthy key's success costs the store nothing
             elif kind is OutcomeKind.FAILURE:
-                breaker.record_failure(permit)
+                if breaker.record_failure(permit):
+                    share = ("failure", 0, "")
             elif kind is OutcomeKind.THROTTLED:
-                breaker.throttle(outcome.retry_after, permit)
+                until = breaker.throttle(outcome.retry_after, permit)
+                share = ("throttle", max(0, round((until - now) * 1000)), "")
             elif kind is OutcomeKind.REJECTED:
                 breaker.quarantine(OpenReason.REJECTED, permit)
+                share = ("quarantine", 0, OpenReason.REJECTED.value)
             elif kind is OutcomeKind.EXHAUSTED:
                 breaker.quarantine(OpenReason.QUOTA, permit)
+                share = ("quarantine", 0, OpenReason.QUOTA.value)
             else:
                 breaker.release(permit)
+            config = breaker.config
             key.in_flight -= 1
             key.tier.in_flight -= 1
             self._refresh(key, now, events)
@@ -692,7 +733,64 @@ class KeyPool:
         events.append(
             CallRecorded(lease.provider, key.id, outcome.kind, outcome.status, now - started, permit.trial)
         )
+        if self._store is not None and share is not None:
+            op, arg, reason = share
+            self._store.submit(lease.provider, key.id, op, config, token=token, arg=arg, reason=reason)
         self._emit(events)
+
+    def adopt_shared(self, provider: str, key_id: str, view: SharedView) -> None:
+        """Take on a key's state as a shared store reports it (other pools' decisions)."""
+        events: list[PoolEvent] = []
+        with self._lock:
+            prov = self._providers.get(provider)
+            if prov is None or key_id not in prov.keys:  # not this pool's key: another pool's
+                return
+            key = prov.keys[key_id]
+            key.shared_failures = view.failures
+            key.breaker.adopt(
+                open_=view.open,
+                open_until=view.open_until,
+                throttled_until=view.throttled_until,
+                quarantine=OpenReason(view.quarantine) if view.quarantine else None,
+                reason=OpenReason(view.reason) if view.reason else None,
+                failures=view.failures,
+                successes=view.successes,
+            )
+            self._refresh(key, self._now(), events)
+            self._update_backup(prov, events)
+        self._emit(events)
+
+    def shared_views(self) -> list[tuple[str, str, SharedView]]:
+        """Every key's local state as a shared store would hold it (to re-seed a store)."""
+        with self._lock:
+            now = self._now()
+            rows = []
+            for prov in self._providers.values():
+                for key in prov.keys.values():
+                    b = key.breaker
+                    tripped = b.tripped_until()
+                    rows.append(
+                        (
+                            prov.name,
+                            key.id,
+                            SharedView(
+                                open=tripped is not None,
+                                open_until=tripped or 0.0,
+                                throttled_until=b.throttled_until if b.throttled_until > now else 0.0,
+                                quarantine=b.quarantine_reason or "",
+                                reason="",
+                                failures=b.failure_count,
+                                successes=0,
+                                version=0,
+                            ),
+                        )
+                    )
+        return rows
+
+    @property
+    def instance(self) -> str:
+        """This pool's name in a shared store (random per pool)."""
+        return self._instance
 
     # ------------------------------------------------------------------ observation
 

@@ -1,0 +1,61 @@
+"""The seam between a pool and a shared store of breaker state, and what crosses it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .._config import BreakerConfig
+from ._model import Op
+
+if TYPE_CHECKING:
+    from .._pool import KeyPool
+
+__all__ = ["SharedStore", "SharedView"]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedView:
+    """A key's shared state translated to the pool's clock (seconds)."""
+
+    open: bool
+    open_until: float
+    throttled_until: float
+    quarantine: str
+    reason: str
+    failures: int
+    successes: int
+    version: int
+
+
+class SharedStore(Protocol):
+    """Where breaker state is shared between pools (processes, hosts).
+
+    The pool keeps deciding on its own local breakers, so a call to a healthy key never waits for
+    the store: it hands each change to :meth:`submit` (which must not block) and adopts what the
+    store tells it back through :meth:`KeyPool.adopt_shared`. Only taking a half-open trial slot
+    asks the store synchronously (:meth:`claim`), so the trial limit holds across all pools.
+    """
+
+    def bind(self, pool: KeyPool) -> None:
+        """Start sharing this pool's keys (called once by the pool)."""
+
+    def submit(
+        self,
+        provider: str,
+        key_id: str,
+        op: Op,
+        config: BreakerConfig,
+        *,
+        token: str = "",
+        arg: int = 0,
+        reason: str = "",
+    ) -> None:
+        """Apply a change in the background; never raises, never blocks for long."""
+
+    def claim(self, provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
+        """Take a shared trial slot; ``True`` also when the store cannot answer (local decides)."""
+        ...
+
+    def close(self) -> None:
+        """Stop sharing and release connections."""

@@ -1,0 +1,103 @@
+"""MemoryStore: shared breaker state between pools of one process, with no server.
+
+It applies exactly the operations a :class:`~keypool.store.RedisStore` applies (the same
+:func:`~keypool.store._model.apply`), synchronously, and tells every bound pool at once. Use it to
+share breakers between pools of one process, and to test what sharing does on a fake clock.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import TYPE_CHECKING
+
+from .._clock import Clock, MonotonicClock
+from .._config import BreakerConfig
+from ._base import SharedView
+from ._model import Op, SharedBreaker, apply
+
+if TYPE_CHECKING:
+    from .._pool import KeyPool
+
+__all__ = ["MemoryStore", "view_of"]
+
+
+def view_of(state: SharedBreaker, to_local: float) -> SharedView:
+    """A store state in a pool's clock: store milliseconds minus ``to_local`` seconds."""
+
+    def local(ms: int) -> float:
+        return ms / 1000.0 - to_local if ms else 0.0
+
+    return SharedView(
+        open=state.open,
+        open_until=local(state.open_until),
+        throttled_until=local(state.throttled_until),
+        quarantine=state.quarantine,
+        reason=state.reason,
+        failures=state.failures,
+        successes=state.successes,
+        version=state.version,
+    )
+
+
+class MemoryStore:
+    """Shared state in a dict, on ``clock`` (default: the monotonic clock)."""
+
+    def __init__(self, clock: Clock | None = None, *, seed: int | None = None) -> None:
+        self._clock = clock or MonotonicClock()
+        self._lock = threading.Lock()
+        self._states: dict[tuple[str, str], SharedBreaker] = {}
+        self._pools: list[KeyPool] = []
+        self._rng = random.Random(seed)
+
+    def bind(self, pool: KeyPool) -> None:
+        with self._lock:
+            if pool not in self._pools:
+                self._pools.append(pool)
+
+    def _now(self) -> int:
+        return round(self._clock.now() * 1000)
+
+    def _apply(
+        self, provider: str, key_id: str, op: Op, config: BreakerConfig, token: str, arg: int, reason: str
+    ) -> tuple[SharedBreaker, bool, bool]:
+        with self._lock:
+            current = self._states.get((provider, key_id), SharedBreaker())
+            verdict = apply(
+                current, op, self._now(), config, token=token, arg=arg, reason=reason, rng=self._rng
+            )
+            self._states[(provider, key_id)] = verdict.state
+            pools = list(self._pools)
+        if verdict.changed:
+            view = view_of(verdict.state, 0.0)
+            for pool in pools:
+                pool.adopt_shared(provider, key_id, view)
+        return verdict.state, verdict.changed, verdict.allowed
+
+    def submit(
+        self,
+        provider: str,
+        key_id: str,
+        op: Op,
+        config: BreakerConfig,
+        *,
+        token: str = "",
+        arg: int = 0,
+        reason: str = "",
+    ) -> None:
+        self._apply(provider, key_id, op, config, token, arg, reason)
+
+    def claim(self, provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
+        return self._apply(provider, key_id, "claim", config, token, 0, "")[2]
+
+    def state(self, provider: str, key_id: str) -> SharedBreaker:
+        """What the store holds for a key (for tests and inspection)."""
+        with self._lock:
+            return self._states.get((provider, key_id), SharedBreaker())
+
+    def close(self) -> None:
+        with self._lock:
+            self._pools.clear()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(keys={len(self._states)}, pools={len(self._pools)})"

@@ -1,0 +1,164 @@
+"""The shared breaker state of one key and the one function that changes it.
+
+A shared store (Redis, or the in-process :class:`~keypool.store.MemoryStore`) keeps, per key, the
+state below and applies every change with :func:`apply` as one atomic step on the store's own clock
+(milliseconds). The Redis store runs the same function as a Lua script; this Python version is the
+reference the contract tests hold both to.
+
+Half-open is not stored: it is ``open`` whose deadline has passed, so every process agrees on
+when a key reopens without anyone having to write it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .._config import BreakerConfig
+
+__all__ = ["Op", "SharedBreaker", "Verdict", "apply"]
+
+Op = Literal[
+    "failure", "success", "claim", "release", "throttle", "quarantine", "trip", "reset", "merge", "read"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedBreaker:
+    """One key's shared state; deadlines are store-clock milliseconds (0: none)."""
+
+    open: bool = False
+    open_until: int = 0
+    throttled_until: int = 0
+    quarantine: str = ""
+    failures: int = 0
+    successes: int = 0
+    streak: int = 0
+    reason: str = ""  # why it last tripped: failures or trial_failed
+    version: int = 0
+    trials: tuple[tuple[str, int], ...] = ()  # (token, expires at)
+
+    def half_open(self, now: int) -> bool:
+        return self.open and not self.quarantine and now >= self.open_until
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The state after an operation, whether it changed, and (for ``claim``) whether it admits."""
+
+    state: SharedBreaker
+    changed: bool
+    allowed: bool
+    now: int
+
+
+def _open_for(cfg: BreakerConfig, streak: int, rng: random.Random) -> int:
+    seconds = min(cfg.timeout * cfg.backoff_multiplier ** (streak - 1), cfg.max_timeout)
+    if cfg.jitter:
+        seconds += seconds * cfg.jitter * rng.random()
+    return round(seconds * 1000)
+
+
+def apply(
+    s: SharedBreaker,
+    op: Op,
+    now: int,
+    cfg: BreakerConfig,
+    *,
+    token: str = "",
+    arg: int = 0,
+    reason: str = "",
+    local: SharedBreaker | None = None,
+    rng: random.Random | None = None,
+) -> Verdict:
+    """Apply one operation at store time ``now`` (ms). Mirrors ``redis_script.lua`` line for line."""
+    rng = rng or random.Random()
+    trials = tuple((t, exp) for t, exp in s.trials if exp > now and t != token)
+    before = s
+    s = replace(s, trials=trials)
+    half = s.half_open(now)
+    allowed = False
+
+    def trip(state: SharedBreaker, why: str) -> SharedBreaker:
+        streak = state.streak + 1
+        return replace(
+            state,
+            reason=why,
+            open=True,
+            open_until=now + _open_for(cfg, streak, rng),
+            failures=0,
+            successes=0,
+            streak=streak,
+            trials=(),
+        )
+
+    def close(state: SharedBreaker) -> SharedBreaker:
+        return replace(state, open=False, open_until=0, failures=0, successes=0, streak=0, trials=())
+
+    if op == "failure":
+        if not s.quarantine:
+            if half and token:
+                s = trip(s, "trial_failed")  # a failed trial re-opens
+            elif not s.open:
+                s = replace(s, failures=s.failures + 1)
+                if s.failures >= cfg.failure_threshold:
+                    s = trip(s, "failures")
+    elif op == "success":
+        if not s.quarantine:
+            if half and token:
+                s = replace(s, successes=s.successes + 1)
+                if s.successes >= cfg.success_threshold:
+                    s = close(s)
+            elif not s.open and s.failures:
+                s = replace(s, failures=0)
+    elif op == "claim":
+        if s.quarantine or s.throttled_until > now or (s.open and now < s.open_until):
+            allowed = False
+        elif not s.open:
+            allowed = True  # closed: no trial slot needed
+        elif len(s.trials) < cfg.half_open_max_calls:
+            s = replace(s, trials=(*s.trials, (token, now + round(cfg.probe_timeout * 1000))))
+            allowed = True
+    elif op == "throttle":
+        until = now + arg
+        if until > s.throttled_until:
+            s = replace(s, throttled_until=until)
+    elif op == "quarantine":
+        if not s.quarantine:
+            s = replace(s, quarantine=reason or "manual", open=True, failures=0, successes=0, trials=())
+    elif op == "trip":
+        if not s.quarantine:
+            s = trip(s, "failures")
+    elif op == "reset":
+        s = close(replace(s, quarantine="", throttled_until=0))
+    elif op == "merge" and local is not None:
+        # After an outage of the store: the most restrictive view wins, so a store that lost its
+        # state (a restart) never closes a breaker that a process knows to be open.
+        s = replace(
+            s,
+            quarantine=s.quarantine or local.quarantine,
+            throttled_until=max(s.throttled_until, local.throttled_until),
+        )
+        if local.quarantine or (local.open and (not s.open or local.open_until > s.open_until)):
+            s = replace(s, open=True, open_until=max(s.open_until, local.open_until))
+    changed = _fields(s) != _fields(before)
+    if changed:
+        s = replace(s, version=before.version + 1)
+    elif s.trials != before.trials:
+        s = replace(s, version=before.version)
+    return Verdict(state=s, changed=changed, allowed=allowed, now=now)
+
+
+def _fields(s: SharedBreaker) -> tuple[object, ...]:
+    """What observers care about (trial slots change without a new version)."""
+    return (
+        s.open,
+        s.open_until,
+        s.throttled_until,
+        s.quarantine,
+        s.failures,
+        s.successes,
+        s.streak,
+        s.reason,
+    )

@@ -3,7 +3,7 @@
 The public API is everything in ``__all__``; modules starting with ``_`` are private.
 """
 
-import logging
+import logging as _logging
 
 from ._breaker import BreakerSnapshot, BreakerState, CircuitBreaker, OpenReason, Permit, Transition
 from ._budget import RequestBudget, current_budget, request_budget
@@ -33,7 +33,7 @@ from ._transport import KeyPoolTransport, SyncKeyPoolTransport
 __version__ = "0.1.0"
 
 # A library logs to its own logger and leaves output to the application.
-logging.getLogger("keypool").addHandler(logging.NullHandler())
+_logging.getLogger("keypool").addHandler(_logging.NullHandler())
 
 __all__ = [
     "BackupTierChanged",

@@ -11,7 +11,7 @@ import pytest
 import keypool
 
 INCLUDED_DUNDERS = {"__version__"}
-PUBLIC_MODULES = {"admin", "cli", "metrics", "store", "testing"}
+PUBLIC_MODULES = {"admin", "metrics", "store", "testing"}
 
 
 def is_private(name: str) -> bool:

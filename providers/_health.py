@@ -5,10 +5,11 @@ traffic, and a key whose breaker refuses calls is not probed (the skip is counte
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 import httpx2
 
 from keypool import KeyPool, Lease, OutcomeKind, classify_exception, classify_status
@@ -20,11 +21,21 @@ ProbeResult = Literal["ok", "failed", "skipped"]
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """The request that tells whether a key works: ``GET /models`` by default."""
+    """The request that tells whether a key works: ``GET /models`` by default.
+
+    ``timeout`` bounds each probe (a hanging key counts as a failure, never hangs the check);
+    ``status_of`` maps an answer's status and body to the status it stands for, for APIs that
+    report a key's trouble in a 200 body (DeepSeek's balance says ``is_available: false``).
+    """
 
     method: str = "GET"
     path: str = "/models"
     json: dict[str, Any] | None = None
+    timeout: float = 10.0
+    status_of: Callable[[int, bytes], int] | None = None
+
+    def judge(self, status: int, body: bytes) -> int:
+        return self.status_of(status, body) if self.status_of is not None else status
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +78,7 @@ def _request(base_url: str, probe: Probe, lease: Lease, header: str, scheme: str
         url,
         json=probe.json,
         headers={header: f"{scheme} {secret}" if scheme else secret},
+        extensions={"timeout": httpx2.Timeout(probe.timeout).as_dict()},
     )
 
 
@@ -160,10 +172,15 @@ async def check_health(
         request = next(rounds)
         while True:
             try:
-                response = await transport.inner.handle_async_request(request)
-                await response.aread()
-                await response.aclose()
-                sent: _Sent = (response.status_code, None)
+                # Also for transports that ignore the request's timeout (e.g. in-process ones).
+                with anyio.fail_after(probe.timeout):
+                    response = await transport.inner.handle_async_request(request)
+                    try:
+                        body = await response.aread()
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await response.aclose()
+                sent: _Sent = (probe.judge(response.status_code, body), None)
             except Exception as exc:
                 sent = (None, exc)
             except BaseException as exc:
@@ -185,9 +202,11 @@ def check_health_sync(
         while True:
             try:
                 response = transport.inner.handle_request(request)
-                response.read()
-                response.close()
-                sent: _Sent = (response.status_code, None)
+                try:
+                    body = response.read()
+                finally:
+                    response.close()
+                sent: _Sent = (probe.judge(response.status_code, body), None)
             except Exception as exc:
                 sent = (None, exc)
             except BaseException as exc:

@@ -12,6 +12,7 @@ clauses keep working.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -48,6 +49,88 @@ class NoKeyAvailableError(NoKeyAvailable, openai.APIConnectionError):
         self.retry_after = cause.retry_after
 
 
+# Only the completions endpoints end their event streams with ``data: [DONE]``; the Responses API
+# (and other event streams) end after their last event, so a missing ``[DONE]`` there is no failure.
+_DONE_TERMINATED_SUFFIX = "/completions"
+
+
+def _terminated_by_done(request: httpx2.Request) -> bool:
+    return request.url.path.rstrip("/").endswith(_DONE_TERMINATED_SUFFIX)
+
+
+class _AsyncTransport(KeyPoolTransport):
+    """The pool's transport, requiring ``sse_terminator`` only on the streams that send it.
+
+    Requests to other endpoints go through a twin transport (same pool, provider, inner transport
+    and limits) that accepts any clean end of an event stream.
+    """
+
+    def __init__(
+        self,
+        pool: KeyPool,
+        provider: str,
+        *,
+        transport: httpx2.AsyncBaseTransport | None,
+        max_attempts: int | None,
+        timeout: float | None,
+        stream_idle_timeout: float | None,
+        sse_terminator: bytes | None,
+    ) -> None:
+        super().__init__(
+            pool,
+            provider,
+            transport=transport,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            stream_idle_timeout=stream_idle_timeout,
+            sse_terminator=sse_terminator,
+        )
+        self._any_end = KeyPoolTransport(
+            pool,
+            provider,
+            transport=self.inner,  # shared, and closed by this transport only
+            max_attempts=max_attempts,
+            timeout=timeout,
+            stream_idle_timeout=stream_idle_timeout,
+        )
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if self.sse_terminator is not None and not _terminated_by_done(request):
+            return await self._any_end.handle_async_request(request)
+        return await super().handle_async_request(request)
+
+
+class _SyncTransport(SyncKeyPoolTransport):
+    """The sync twin of :class:`_AsyncTransport`."""
+
+    def __init__(
+        self,
+        pool: KeyPool,
+        provider: str,
+        *,
+        transport: httpx2.BaseTransport | None,
+        max_attempts: int | None,
+        timeout: float | None,
+        sse_terminator: bytes | None,
+    ) -> None:
+        super().__init__(
+            pool,
+            provider,
+            transport=transport,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            sse_terminator=sse_terminator,
+        )
+        self._any_end = SyncKeyPoolTransport(
+            pool, provider, transport=self.inner, max_attempts=max_attempts, timeout=timeout
+        )
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        if self.sse_terminator is not None and not _terminated_by_done(request):
+            return self._any_end.handle_request(request)
+        return super().handle_request(request)
+
+
 class _PooledSettings:
     """What a pooled client is built from; shared by the sync and async clients."""
 
@@ -71,8 +154,16 @@ class _PooledSettings:
     ) -> tuple[KeyPool, str]:
         name = provider or cls.provider_name
         if pool is not None:
-            if api_keys or backup_keys:
-                raise ConfigError("pass either pool= or api_keys=/backup_keys=, not both")
+            given = {
+                "api_keys": bool(api_keys),
+                "backup_keys": bool(backup_keys),
+                "weights": weights is not None,
+                "breaker": breaker is not None,
+                "max_concurrency_per_key": max_concurrency_per_key is not None,
+            }
+            if any(given.values()):  # these build a pool: with a pool of yours they would be ignored
+                names = ", ".join(f"{n}=" for n, g in given.items() if g)
+                raise ConfigError(f"pass either pool= or api_keys= (and its options), not both: got {names}")
             if name not in pool.providers:
                 raise ConfigError(
                     f"provider: the pool has no provider {name!r} (it has {sorted(pool.providers)})"
@@ -93,6 +184,14 @@ class _PooledSettings:
             {"name": name, "keys": specs, "breaker": breaker or BreakerConfig()},
         )
         return built, name
+
+
+def _probe(probe: Probe, timeout: float | None) -> Probe:
+    if timeout is None:
+        return probe
+    if not timeout > 0:
+        raise ConfigError(f"timeout: must be > 0 (got {timeout})")
+    return dataclasses.replace(probe, timeout=timeout)
 
 
 def _dual(exc: NoKeyAvailable, base_url: httpx2.URL) -> NoKeyAvailableError:
@@ -148,7 +247,7 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
                 breaker=breaker,
                 max_concurrency_per_key=max_concurrency_per_key,
             )
-            self.keypool_transport = KeyPoolTransport(
+            self.keypool_transport = _AsyncTransport(
                 self.pool,
                 self.provider,
                 transport=transport,
@@ -186,10 +285,13 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
 
         return await run_batch(one, requests, concurrency=concurrency, progress=progress)
 
-    async def health_check(self) -> HealthReport:
-        """Probe every key through its breaker (open keys are skipped, not probed)."""
+    async def health_check(self, *, timeout: float | None = None) -> HealthReport:
+        """Probe every key through its breaker (open keys are skipped, not probed).
+
+        ``timeout`` bounds each probe (default: the probe's own, 10 s).
+        """
         return await check_health(
-            self.pool, self.provider, self.keypool_transport, str(self.base_url), self.probe
+            self.pool, self.provider, self.keypool_transport, str(self.base_url), _probe(self.probe, timeout)
         )
 
     def __repr__(self) -> str:
@@ -232,7 +334,7 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
                 breaker=breaker,
                 max_concurrency_per_key=max_concurrency_per_key,
             )
-            self.keypool_transport = SyncKeyPoolTransport(
+            self.keypool_transport = _SyncTransport(
                 self.pool,
                 self.provider,
                 transport=transport,
@@ -254,9 +356,10 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
         except NoKeyAvailable as exc:
             raise _dual(exc, self.base_url) from exc
 
-    def health_check(self) -> HealthReport:
+    def health_check(self, *, timeout: float | None = None) -> HealthReport:
+        """Probe every key through its breaker (open keys are skipped, not probed)."""
         return check_health_sync(
-            self.pool, self.provider, self.keypool_transport, str(self.base_url), self.probe
+            self.pool, self.provider, self.keypool_transport, str(self.base_url), _probe(self.probe, timeout)
         )
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ tells an exhausted key from a working one. Keys come from ``api_keys=`` or ``DEE
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 from ._health import Probe
@@ -18,11 +19,24 @@ __all__ = ["DEEPSEEK_BASE_URL", "AsyncDeepSeek", "DeepSeek"]
 DEEPSEEK_BASE_URL = "https://api.deepseek.com"
 
 
+def _balance_status(status: int, body: bytes) -> int:
+    """``/user/balance`` answers 200 even for an empty balance: ``is_available: false`` means 402."""
+    if status != 200:
+        return status
+    try:
+        balance = json.loads(body)
+    except ValueError:
+        return status
+    if isinstance(balance, dict) and balance.get("is_available") is False:
+        return 402
+    return status
+
+
 class _DeepSeekSettings:
     provider_name: ClassVar[str] = "deepseek"
     default_base_url: ClassVar[str | None] = DEEPSEEK_BASE_URL
     env_prefix: ClassVar[str | None] = "DEEPSEEK"
-    probe: ClassVar[Probe] = Probe(method="GET", path="/user/balance")
+    probe: ClassVar[Probe] = Probe(method="GET", path="/user/balance", status_of=_balance_status)
     require_stream_terminator: ClassVar[bool] = True
 
 

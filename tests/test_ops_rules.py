@@ -77,7 +77,7 @@ def require_binary(name: str) -> str:
         return path
     message = (
         f"`{name}` is not on PATH; it comes with Debian's `prometheus` package "
-        "(run scripts/install-prometheus, or apt-get install prometheus)"
+        "(run scripts/install-tools, or apt-get install prometheus)"
     )
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; it is required when CI=true", pytrace=False)

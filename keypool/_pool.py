@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import anyio
+import anyio.lowlevel
 from pydantic import SecretStr
 
 from ._breaker import BreakerState, CircuitBreaker, OpenReason, Permit
@@ -674,6 +676,7 @@ class KeyPool:
         Waits only when a key is expected back inside the deadline (or is merely busy); otherwise
         raises :class:`NoKeyAvailable` at once with ``retry_after``.
         """
+        await anyio.lowlevel.checkpoint()  # a pick never blocks, but other tasks get their turn
         excluded = frozenset(exclude)
         deadline = None if timeout is None else self._now() + timeout
         while True:

@@ -12,7 +12,7 @@ bytes reached the caller raises :class:`~keypool.StreamInterrupted`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -57,7 +57,7 @@ class _Base:
         auth_header: str = "Authorization",
         auth_scheme: str | None = "Bearer",
         stream_idle_timeout: float | None = None,
-        sse_terminator: bytes | None = None,
+        sse_terminator: Terminator = None,
     ) -> None:
         if max_attempts is not None and max_attempts < 1:
             from ._errors import ConfigError
@@ -73,15 +73,16 @@ class _Base:
         self.stream_idle_timeout = stream_idle_timeout
         self.sse_terminator = sse_terminator
 
-    def _expects_terminator(self, response: httpx2.Response) -> bytes | None:
+    def _expects_terminator(self, request: httpx2.Request, response: httpx2.Response) -> bytes | None:
         """The marker this event stream must end with (e.g. ``[DONE]``), if this transport checks it."""
-        if self.sse_terminator and _is_event_stream(response):
-            return self.sse_terminator
-        return None
+        if not _is_event_stream(response):
+            return None
+        marker = self.sse_terminator
+        return marker(request) if callable(marker) else marker
 
-    def _end_check(self, response: httpx2.Response) -> _EndCheck:
+    def _end_check(self, request: httpx2.Request, response: httpx2.Response) -> _EndCheck:
         """How the end of this response's body is judged."""
-        return _EndCheck(self._expects_terminator(response), _is_event_stream(response))
+        return _EndCheck(self._expects_terminator(request, response), _is_event_stream(response))
 
     def _plan(self, request: httpx2.Request) -> _Plan:
         attempts = max(1, self.max_attempts or len(self.pool.key_ids(self.provider)))
@@ -140,7 +141,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         auth_header: str = "Authorization",
         auth_scheme: str | None = "Bearer",
         stream_idle_timeout: float | None = None,
-        sse_terminator: bytes | None = None,
+        sse_terminator: Terminator = None,
     ) -> None:
         super().__init__(
             pool,
@@ -206,11 +207,22 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         stream = response.stream
         assert isinstance(stream, httpx2.AsyncByteStream)
         chunks = stream.__aiter__()
+        whole = _buffers_whole(response)
+        body = _Body()
         try:
-            with _idle(self.stream_idle_timeout):
-                first: bytes | None = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
+            while True:
+                with _idle(self.stream_idle_timeout):
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        body.ended = True
+                        break
+                if not body.add(chunk, whole):
+                    break
+        except TimeoutError as exc:  # no data for stream_idle_timeout: a read timeout, as httpx2 says
+            await stream.aclose()
+            stalled = httpx2.ReadTimeout(f"no data for {self.stream_idle_timeout} s", request=request)
+            raise _RetryableStreamStart(_stream_outcome(stalled), stalled) from exc
         except Exception as exc:
             await stream.aclose()
             raise _RetryableStreamStart(_stream_outcome(exc), exc) from exc
@@ -219,7 +231,11 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             raise
-        wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease, self._end_check(response))
+        if body.ended:
+            await stream.aclose()
+            return body.response(request, response, lease)
+        first = body.prefix()
+        wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease, self._end_check(request, response))
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -246,7 +262,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
         timeout: float | None = 60.0,
         auth_header: str = "Authorization",
         auth_scheme: str | None = "Bearer",
-        sse_terminator: bytes | None = None,
+        sse_terminator: Terminator = None,
     ) -> None:
         super().__init__(
             pool,
@@ -309,10 +325,14 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
         stream = response.stream
         assert isinstance(stream, httpx2.SyncByteStream)
         chunks = iter(stream)
+        whole = _buffers_whole(response)
+        body = _Body()
         try:
-            first: bytes | None = next(chunks)
-        except StopIteration:
-            first = None
+            for chunk in chunks:
+                if not body.add(chunk, whole):
+                    break
+            else:
+                body.ended = True
         except Exception as exc:
             stream.close()
             raise _RetryableStreamStart(_stream_outcome(exc), exc) from exc
@@ -320,7 +340,11 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             lease.release()
             stream.close()
             raise
-        wrapped = _LeasedSyncStream(self, stream, chunks, first, lease, self._end_check(response))
+        if body.ended:
+            stream.close()
+            return body.response(request, response, lease)
+        first = body.prefix()
+        wrapped = _LeasedSyncStream(self, stream, chunks, first, lease, self._end_check(request, response))
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -332,6 +356,59 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
     def close(self) -> None:
         if self._owns_inner:
             self.inner.close()
+
+
+Terminator = bytes | Callable[[httpx2.Request], bytes | None] | None
+_MAX_WHOLE = 8 * 1024 * 1024  # JSON bodies up to this size are read whole before they are returned
+
+
+def _buffers_whole(response: httpx2.Response) -> bool:
+    """A JSON answer is read whole inside the transport: a body cut short is then retried on
+    another key instead of reaching the caller half-read (the SDK reads it whole anyway)."""
+    return "json" in response.headers.get("content-type", "")
+
+
+class _Body:
+    """The start of a 2xx body: its first chunk, or for JSON the whole of it."""
+
+    __slots__ = ("chunks", "ended", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.ended = False
+
+    def add(self, chunk: bytes, whole: bool) -> bool:
+        """Keep ``chunk``; ``True`` to read on (only a JSON body under the size limit is)."""
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        return whole and self.size <= _MAX_WHOLE
+
+    def prefix(self) -> bytes | None:
+        return b"".join(self.chunks) if self.chunks else None
+
+    def response(self, request: httpx2.Request, response: httpx2.Response, lease: Lease) -> httpx2.Response:
+        """The whole body as a finished response, and the key's outcome recorded."""
+        content = b"".join(self.chunks)
+        if _buffers_whole(response) and not _complete_json(content):
+            cut = httpx2.RemoteProtocolError("the JSON body ended before it was complete", request=request)
+            raise _RetryableStreamStart(Outcome(OutcomeKind.FAILURE, detail="truncated JSON"), cut)
+        lease.success()
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=httpx2.ByteStream(content),
+            extensions=response.extensions,
+            request=request,
+        )
+
+
+def _complete_json(content: bytes) -> bool:
+    """A cheap test that a JSON document was not cut: it closes what it opened."""
+    text = content.strip()
+    if not text:
+        return True  # an empty 2xx body (e.g. 204-like answers) is complete
+    return (text[:1], text[-1:]) in ((b"{", b"}"), (b"[", b"]")) or text[:1] not in (b"{", b"[")
 
 
 class _RetryableStreamStart(Exception):

@@ -51,84 +51,12 @@ class NoKeyAvailableError(NoKeyAvailable, openai.APIConnectionError):
 
 # Only the completions endpoints end their event streams with ``data: [DONE]``; the Responses API
 # (and other event streams) end after their last event, so a missing ``[DONE]`` there is no failure.
-_DONE_TERMINATED_SUFFIX = "/completions"
+_DONE = b"[DONE]"
 
 
-def _terminated_by_done(request: httpx2.Request) -> bool:
-    return request.url.path.rstrip("/").endswith(_DONE_TERMINATED_SUFFIX)
-
-
-class _AsyncTransport(KeyPoolTransport):
-    """The pool's transport, requiring ``sse_terminator`` only on the streams that send it.
-
-    Requests to other endpoints go through a twin transport (same pool, provider, inner transport
-    and limits) that accepts any clean end of an event stream.
-    """
-
-    def __init__(
-        self,
-        pool: KeyPool,
-        provider: str,
-        *,
-        transport: httpx2.AsyncBaseTransport | None,
-        max_attempts: int | None,
-        timeout: float | None,
-        stream_idle_timeout: float | None,
-        sse_terminator: bytes | None,
-    ) -> None:
-        super().__init__(
-            pool,
-            provider,
-            transport=transport,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            stream_idle_timeout=stream_idle_timeout,
-            sse_terminator=sse_terminator,
-        )
-        self._any_end = KeyPoolTransport(
-            pool,
-            provider,
-            transport=self.inner,  # shared, and closed by this transport only
-            max_attempts=max_attempts,
-            timeout=timeout,
-            stream_idle_timeout=stream_idle_timeout,
-        )
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        if self.sse_terminator is not None and not _terminated_by_done(request):
-            return await self._any_end.handle_async_request(request)
-        return await super().handle_async_request(request)
-
-
-class _SyncTransport(SyncKeyPoolTransport):
-    """The sync twin of :class:`_AsyncTransport`."""
-
-    def __init__(
-        self,
-        pool: KeyPool,
-        provider: str,
-        *,
-        transport: httpx2.BaseTransport | None,
-        max_attempts: int | None,
-        timeout: float | None,
-        sse_terminator: bytes | None,
-    ) -> None:
-        super().__init__(
-            pool,
-            provider,
-            transport=transport,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            sse_terminator=sse_terminator,
-        )
-        self._any_end = SyncKeyPoolTransport(
-            pool, provider, transport=self.inner, max_attempts=max_attempts, timeout=timeout
-        )
-
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        if self.sse_terminator is not None and not _terminated_by_done(request):
-            return self._any_end.handle_request(request)
-        return super().handle_request(request)
+def _done_on_completions(request: httpx2.Request) -> bytes | None:
+    """The terminator a streamed request's answer must end with, by endpoint."""
+    return _DONE if request.url.path.rstrip("/").endswith("/completions") else None
 
 
 class _PooledSettings:
@@ -247,14 +175,14 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
                 breaker=breaker,
                 max_concurrency_per_key=max_concurrency_per_key,
             )
-            self.keypool_transport = _AsyncTransport(
+            self.keypool_transport = KeyPoolTransport(
                 self.pool,
                 self.provider,
                 transport=transport,
                 max_attempts=max_attempts,
                 timeout=request_timeout,
                 stream_idle_timeout=stream_idle_timeout,
-                sse_terminator=b"[DONE]" if self.require_stream_terminator else None,
+                sse_terminator=_done_on_completions if self.require_stream_terminator else None,
             )
             http_client = httpx2.AsyncClient(transport=self.keypool_transport, timeout=None)
         openai_options.pop("api_key", None)
@@ -334,13 +262,13 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
                 breaker=breaker,
                 max_concurrency_per_key=max_concurrency_per_key,
             )
-            self.keypool_transport = _SyncTransport(
+            self.keypool_transport = SyncKeyPoolTransport(
                 self.pool,
                 self.provider,
                 transport=transport,
                 max_attempts=max_attempts,
                 timeout=request_timeout,
-                sse_terminator=b"[DONE]" if self.require_stream_terminator else None,
+                sse_terminator=_done_on_completions if self.require_stream_terminator else None,
             )
             http_client = httpx2.Client(transport=self.keypool_transport, timeout=None)
         openai_options.pop("api_key", None)

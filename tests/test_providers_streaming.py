@@ -250,12 +250,6 @@ async def test_stall_before_the_first_byte_fails_over(rig: Rig) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: the async transport's stream_idle_timeout raises a bare TimeoutError (empty message) "
-    "when every key stalls before the first byte, instead of an httpx2.ReadTimeout that openai maps to "
-    "APITimeoutError (the sync client gets APITimeoutError)",
-)
 async def test_every_key_stalling_before_the_first_byte_is_a_timeout_error(
     make_rig: Callable[..., Rig],
 ) -> None:

@@ -717,3 +717,62 @@ def test_sync_openai_stream_records_success(clock: FakeClock) -> None:
         stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         assert len(list(stream)) == 2
     assert [e.outcome for e in rec.recorded()] == [OutcomeKind.SUCCESS]
+
+
+# ---------------------------------------------------------------------------------- whole JSON bodies
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+@pytest.mark.anyio
+async def test_a_json_body_cut_mid_way_is_retried_on_another_key(clock: FakeClock) -> None:
+    upstream = Upstream(2)
+    half = json.dumps(CHAT).encode()[:20]
+    upstream.behaviour["k0"] = lambda request: httpx2.Response(
+        200, headers=JSON_HEADERS, stream=FailingAsyncStream(before=half)
+    )
+    pool = make_pool(clock, 2)
+    async with async_openai(pool, upstream) as client:
+        for _ in range(4):
+            reply = await client.chat.completions.create(model="m", messages=MESSAGES)
+            assert reply.choices[0].message.content == "hi"
+    stats = {row["key_id"]: row for row in pool.stats(P)}
+    assert stats["k0"]["total_failures"] == upstream.calls["k0"] >= 1
+    assert stats["k1"]["total_successes"] == 4
+
+
+def test_a_json_body_cut_mid_way_is_retried_on_another_key_sync(clock: FakeClock) -> None:
+    upstream = Upstream(2)
+    half = json.dumps(CHAT).encode()[:20]
+    upstream.behaviour["k0"] = lambda request: httpx2.Response(
+        200, headers=JSON_HEADERS, stream=FailingSyncStream(before=half)
+    )
+    pool = make_pool(clock, 2)
+    with sync_openai(pool, upstream) as client:
+        for _ in range(4):
+            assert client.chat.completions.create(model="m", messages=MESSAGES).choices[0].message.content
+    assert pool.key_stats("k0", P)["total_failures"] == upstream.calls["k0"] >= 1
+
+
+@pytest.mark.anyio
+async def test_a_json_body_that_ends_early_counts_against_its_key(clock: FakeClock) -> None:
+    upstream = Upstream(2)
+    truncated = json.dumps(CHAT).encode()[:-7]  # ends cleanly, but the document is not closed
+    upstream.behaviour["k0"] = lambda request: httpx2.Response(200, headers=JSON_HEADERS, content=truncated)
+    pool = make_pool(clock, 2)
+    async with async_openai(pool, upstream) as client:
+        for _ in range(4):
+            assert (await client.chat.completions.create(model="m", messages=MESSAGES)).choices
+    assert pool.key_stats("k0", P)["total_failures"] == upstream.calls["k0"] >= 1
+    assert pool.key_stats("k0", P)["total_successes"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_whole_json_body_is_recorded_before_the_caller_reads_it(clock: FakeClock) -> None:
+    rec = Recorder()
+    pool = make_pool(clock, 1, hooks=(rec,))
+    async with async_openai(pool, Upstream(1)) as client:
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        assert [e.outcome for e in rec.recorded()] == [OutcomeKind.SUCCESS]  # before parse()
+        assert raw.parse().choices[0].message.content == "hi"
+    assert pool.capacity(P).in_flight == 0

@@ -17,6 +17,7 @@ observed there too, which is how a 401 is told from a 503.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
@@ -54,6 +55,8 @@ __all__ = ["MCPClient", "MCPEndpoint"]
 log = logging.getLogger("keypool.mcp")
 
 _SYNTHETIC = "x-keypool-synthetic"
+_DEFAULT_RETRY_AFTER = 1.0
+_BUSY_POLL = 0.005  # seconds between looks while every endpoint in service is at its limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,8 @@ class _Endpoint:
 def _classify(error: BaseException, seen: _Observed) -> Outcome:
     """What a failed MCP call says about its endpoint."""
     status = seen.status
+    if status == 404:  # the endpoint lost our session (restart) or serves no MCP at this URL
+        return Outcome(OutcomeKind.FAILURE, status=404, detail="session not found")
     if status is not None and status >= 400:
         return classify_status(status, seen.headers)
     if isinstance(error, MCPError) and error.code == INVALID_PARAMS:
@@ -217,38 +222,57 @@ class MCPClient:
         if self._group is not None:
             group, self._group = self._group, None
             group.cancel_scope.cancel()
+            if isinstance(exc, Exception):  # the caller's own error propagates as is, not in a group
+                et = exc = tb = None
             await group.__aexit__(et, exc, tb)
         for ep in self._endpoints.values():
             await ep.http.aclose()
         await self._transport.aclose()
 
-    async def _own(self, ep: _Endpoint) -> None:
-        """Hold an endpoint's session open until it is closed or breaks."""
-        ep.opening = _Observed()
-        _observed.set(ep.opening)
+    async def _own(
+        self, ep: _Endpoint, opened: anyio.Event, closing: anyio.Event, opening: _Observed
+    ) -> None:
+        """Hold an endpoint's session open until it is closed or breaks.
+
+        The events are this session's own: a dropped session may still be closing while its
+        successor opens, and must not touch the successor's state.
+        """
+        _observed.set(opening)
+        mine: Client | None = None
         try:
-            async with Client(
-                streamable_http_client(ep.spec.url, http_client=ep.http), mode=self.mode
-            ) as client:
-                ep.client = client
-                ep.opened.set()
-                await ep.closing.wait()
+            # Opening is bounded like a call: a wedged endpoint must not hold this task (and a
+            # connection) until httpx2's read timeout, long after the caller has given up.
+            with anyio.CancelScope(deadline=anyio.current_time() + self.call_timeout) as bound:
+                async with Client(
+                    streamable_http_client(ep.spec.url, http_client=ep.http), mode=self.mode
+                ) as client:
+                    bound.deadline = math.inf
+                    mine = ep.client = client
+                    opened.set()
+                    await closing.wait()
         except Exception as exc:
-            ep.error = exc
+            if ep.closing is closing:
+                ep.error = exc
         finally:
-            ep.client = None
-            ep.opened.set()
+            if mine is not None and ep.client is mine:
+                ep.client = None
+            opened.set()
+
+    def _require_open(self) -> TaskGroup:
+        if self._group is None:
+            raise ConfigError("MCPClient must be used inside 'async with MCPClient(...) as client:'")
+        return self._group
 
     async def _session(self, ep: _Endpoint) -> Client:
         if ep.client is not None:
             return ep.client
-        if self._group is None:
-            raise ConfigError("MCPClient must be used inside 'async with MCPClient(...) as client:'")
+        group = self._require_open()
         async with ep.lock:
             if ep.client is not None:
                 return ep.client
             ep.opened, ep.closing, ep.error = anyio.Event(), anyio.Event(), None
-            self._group.start_soon(self._own, ep)
+            ep.opening = _Observed()
+            group.start_soon(self._own, ep, ep.opened, ep.closing, ep.opening)
             await ep.opened.wait()
             if ep.client is None:
                 raise ep.error or MCPError(-32000, "session closed while opening")
@@ -263,35 +287,46 @@ class MCPClient:
     # ------------------------------------------------------------------ calls
 
     async def _attempt(self, lease: Lease, deadline: float, op: str, *args: Any) -> Any:
-        """One attempt on the leased endpoint; records the outcome on the lease."""
+        """One attempt on the leased endpoint; records the outcome on the lease.
+
+        A kept-open session that the endpoint no longer knows (HTTP 404: a legacy-mode replica
+        restarted) is reopened once within the attempt instead of failing it.
+        """
         ep = self._endpoints[lease.key_id]
-        seen = _Observed()
-        token = _observed.set(seen)
-        try:
-            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                client = await self._session(ep)
-                result: Any
-                if op == "call_tool":
-                    result = await client.call_tool(*args)
-                else:
-                    result = (await client.list_tools(cache_mode="bypass")).tools
-        except Exception as exc:
-            opening = ep.opening if ep.client is None else seen
-            outcome = _classify(exc, seen if seen.status else opening)
-            if outcome.kind is not OutcomeKind.CALLER_ERROR:
-                self._drop(ep)
-            lease.record(outcome)
-            raise
-        except BaseException:
-            lease.release()
-            raise
-        finally:
-            _observed.reset(token)
-        lease.success()
-        return result
+        reopened = False
+        while True:
+            seen = _Observed()
+            token = _observed.set(seen)
+            reused = ep.client is not None
+            try:
+                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                    client = await self._session(ep)
+                    result: Any
+                    if op == "call_tool":
+                        result = await client.call_tool(*args)
+                    else:
+                        result = (await client.list_tools(cache_mode="bypass")).tools
+            except Exception as exc:
+                opening = ep.opening if ep.client is None else seen
+                outcome = _classify(exc, seen if seen.status else opening)
+                if outcome.kind is not OutcomeKind.CALLER_ERROR:
+                    self._drop(ep)
+                if reused and not reopened and seen.status == 404:
+                    reopened = True
+                    continue
+                lease.record(outcome)
+                raise
+            except BaseException:
+                lease.release()
+                raise
+            finally:
+                _observed.reset(token)
+            lease.success()
+            return result
 
     async def _run(self, op: str, *args: Any, timeout: float | None = None) -> Any:
         """Run ``op`` on endpoints in turn until one answers, the attempts or the deadline run out."""
+        self._require_open()  # misuse is the caller's error, not an endpoint failure
         deadline = time.monotonic() + (timeout or self.call_timeout)
         tried: set[str] = set()
         last: BaseException | None = None
@@ -299,6 +334,9 @@ class MCPClient:
             try:
                 lease = await self.pool.acquire(self.name, timeout=self.wait_for_recovery, exclude=tried)
             except NoKeyAvailable as exc:
+                if self._busy(tried) and time.monotonic() + _BUSY_POLL < deadline:
+                    await anyio.sleep(_BUSY_POLL)  # an endpoint is only at its limit: not a fallback
+                    continue
                 return self._unavailable(exc, last)
             tried.add(lease.key_id)
             try:
@@ -307,8 +345,20 @@ class MCPClient:
                 if isinstance(exc, MCPError) and exc.code == INVALID_PARAMS:
                     raise
                 last = exc
-        retry = self.pool.capacity(self.name).next_recovery_in
+        capacity = self.pool.capacity(self.name)
+        retry = capacity.next_recovery_in
+        if retry is None and capacity.status != "down":
+            retry = _DEFAULT_RETRY_AFTER  # endpoints still in service: the attempts ran out first
         return self._unavailable(NoKeyAvailable(self.name, retry, "every endpoint tried failed"), last)
+
+    def _busy(self, tried: set[str]) -> bool:
+        """Whether an endpoint not tried yet is in service but has no free slot right now."""
+        for key_id in self._endpoints:
+            if key_id not in tried:
+                row = self.pool.key_stats(key_id, self.name)
+                if row["in_flight"] and row["state"] != "open":
+                    return True
+        return False
 
     def _unavailable(self, exc: NoKeyAvailable, last: BaseException | None) -> CallToolResult:
         if self.on_unavailable == "raise":
@@ -363,6 +413,7 @@ class MCPClient:
 
     async def health_check(self) -> HealthReport:
         """Probe each endpoint whose breaker admits a call with a ``tools/list``; skip open ones."""
+        self._require_open()
         rows: list[KeyHealth] = []
         for key_id in self.pool.key_ids(self.name):
             lease = self.pool.try_acquire_key(self.name, key_id)
@@ -372,20 +423,23 @@ class MCPClient:
                     KeyHealth(key_id, "skipped", state=self.pool.key_stats(key_id, self.name)["state"])
                 )
                 continue
-            started = time.monotonic()
-            try:
-                await self._attempt(lease, started + self.call_timeout, "list_tools")
-                result: Literal["ok", "failed"] = "ok"
-            except Exception:
-                result = "failed"
-            rows.append(
-                KeyHealth(
-                    key_id,
-                    result,
-                    latency=time.monotonic() - started,
-                    state=self.pool.key_stats(key_id, self.name)["state"],
-                )
-            )
+            probes = 0
+            while lease is not None:
+                probes += 1
+                trial, started = lease.trial, time.monotonic()
+                try:
+                    await self._attempt(lease, started + self.call_timeout, "list_tools")
+                    result: Literal["ok", "failed"] = "ok"
+                except Exception:
+                    result = "failed"
+                state = self.pool.key_stats(key_id, self.name)["state"]
+                lease = None
+                # A half-open endpoint is probed until its trials close it, as the HTTP probes do,
+                # so a recovered endpoint is back within one round.
+                needed = self.pool.breaker_config(key_id, self.name).success_threshold
+                if result == "ok" and trial and state == "half_open" and probes < needed:
+                    lease = self.pool.try_acquire_key(self.name, key_id)
+            rows.append(KeyHealth(key_id, result, latency=time.monotonic() - started, state=state))
         return HealthReport(self.name, tuple(rows))
 
     def __repr__(self) -> str:

@@ -85,6 +85,8 @@ class HealthMonitor:
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._group is not None
-        self._group.cancel_scope.cancel()
-        await self._group.__aexit__(et, exc, tb)
-        self._group = None
+        group, self._group = self._group, None
+        group.cancel_scope.cancel()
+        if isinstance(exc, Exception):  # the caller's own error propagates as is, not in a group
+            et = exc = tb = None
+        await group.__aexit__(et, exc, tb)

@@ -81,7 +81,11 @@ class SheddingPolicy:
 
 @dataclass(frozen=True, slots=True)
 class AgentResponse:
-    """A provider's response, and which provider, model and key served it after how many attempts."""
+    """A provider's response, and which provider, model and key served it after how many attempts.
+
+    ``fallbacks`` names the providers passed over before the one that served, in the configured
+    order, whether they were tried and failed or skipped because they could not take calls.
+    """
 
     response: ChatCompletion
     provider: str
@@ -168,6 +172,14 @@ class UnifiedAgent:
         weak = [r for r in self.routes if caps[r.name].status == "critical"]
         return good + weak
 
+    def _passed_over(self, served: ChatRoute, tried: Sequence[str]) -> tuple[str, ...]:
+        """The providers the call fell back from, in the configured order: those tried before the
+        one that served, and those ahead of it that were skipped (down, or moved back as critical).
+        """
+        ahead = {r.name for r in self.routes[: self.routes.index(served)]}
+        passed = ahead | set(tried[:-1])
+        return tuple(r.name for r in self.routes if r.name in passed)
+
     # ------------------------------------------------------------------ chat
 
     async def chat(
@@ -216,7 +228,7 @@ class UnifiedAgent:
                     model=provider_model,
                     key_id=key_id,
                     attempts=budget.attempts_used,
-                    fallbacks=tuple(tried[:-1]),
+                    fallbacks=self._passed_over(route, tried),
                 )
         caps = {r.name: r.client.pool.capacity(r.name) for r in self.routes}
         waits = [c.next_recovery_in for c in caps.values() if c.next_recovery_in is not None]

@@ -50,8 +50,10 @@ def main() -> None:
     print("lease + record, median of", ROUNDS, "rounds of", OPS, "operations")
     for n in sizes:
         print(f"  {n:>6} keys: {healthy[n]:6.2f} us all healthy   {half_open[n]:6.2f} us half the keys open")
-    print(f"  ratio 10,000 / 10 keys: {healthy[10_000] / healthy[10]:.2f} (healthy), "
-          f"{half_open[10_000] / half_open[10]:.2f} (half open)   target: near 1")
+    print(
+        f"  ratio 10,000 / 10 keys: {healthy[10_000] / healthy[10]:.2f} (healthy), "
+        f"{half_open[10_000] / half_open[10]:.2f} (half open)   target: near 1"
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ BODY = json.dumps(
         "object": "chat.completion",
         "created": 0,
         "model": "m",
-        "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
-        ],
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
     }
 ).encode()
 
@@ -54,14 +52,18 @@ async def drive(client: openai.AsyncOpenAI) -> float:
 
 def plain() -> openai.AsyncOpenAI:
     http = httpx2.AsyncClient(transport=httpx2.MockTransport(upstream))
-    return openai.AsyncOpenAI(api_key="sk-bench", base_url="http://upstream/v1", max_retries=0, http_client=http)
+    return openai.AsyncOpenAI(
+        api_key="sk-bench", base_url="http://upstream/v1", max_retries=0, http_client=http
+    )
 
 
 def pooled() -> openai.AsyncOpenAI:
     pool = KeyPool.from_keys("p", [f"sk-bench-{i}" for i in range(10)])
     transport = KeyPoolTransport(pool, "p", transport=httpx2.MockTransport(upstream))
     http = httpx2.AsyncClient(transport=transport)
-    return openai.AsyncOpenAI(api_key="unused", base_url="http://upstream/v1", max_retries=0, http_client=http)
+    return openai.AsyncOpenAI(
+        api_key="unused", base_url="http://upstream/v1", max_retries=0, http_client=http
+    )
 
 
 async def main() -> None:

@@ -187,6 +187,15 @@ class CircuitBreaker:
     def quarantine_reason(self) -> str | None:
         return self._open_reason.value if self._quarantined and self._open_reason else None
 
+    def plainly_closed(self) -> bool:
+        """Closed with nothing that time could change and nothing to report (a cheap check)."""
+        return (
+            self._state is BreakerState.CLOSED
+            and not self._quarantined
+            and not self._throttled_until
+            and not self._pending
+        )
+
     def tripped_until(self) -> float | None:
         """The open deadline while the breaker is tripped (open or half-open), else ``None``."""
         if self._state is BreakerState.CLOSED and not self._quarantined:
@@ -483,8 +492,9 @@ class CircuitBreaker:
                 self._close(now, "shared")
             if probing_already:
                 self._successes = max(self._successes, successes)
-            if self._state is BreakerState.CLOSED:
-                self._failures = failures
+        # The shared count is the one that trips (and a tripped or quarantined key counts none):
+        # a count kept from before a trip learned from the store would otherwise linger.
+        self._failures = failures
         if throttled_until > now and self._throttled_until <= now and not self._quarantined:
             self._open_reason = OpenReason.THROTTLED
         self._throttled_until = throttled_until

@@ -225,6 +225,9 @@ def keys_from(
     weights: Sequence[float] | None = None,
 ) -> tuple[KeySpec, ...]:
     """Build key specs from plain secrets (primary), optional weights and backup secrets."""
+    for name, given in (("api_keys", secrets), ("backup_keys", backup)):
+        if isinstance(given, str):  # a string is a sequence too: one key per character
+            raise ConfigError(f'{name}: expected a list of keys, got one string; write {name}=["..."]')
     primary = list(secrets or ())
     if weights is not None and len(weights) != len(primary):
         raise ConfigError(f"weights: expected {len(primary)} values (one per key), got {len(weights)}")

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import anyio
-import anyio.lowlevel
+import anyio.to_thread
 from pydantic import SecretStr
 
 from ._breaker import BreakerState, CircuitBreaker, OpenReason, Permit
@@ -69,7 +69,7 @@ class Capacity:
 
     ``open`` counts every key that refuses calls (tripped, throttled or quarantined); the latter two
     are also counted on their own. ``healthy_share`` is the share of all keys that are closed.
-    ``status``: ``down`` when no key can take a call, ``critical`` when at most half the keys are
+    ``status``: ``down`` when no key can take a call, ``critical`` when fewer than half the keys are
     closed (the runbook's "majority open"), ``degraded`` when any key is not closed.
     ``next_recovery_in`` is the number of seconds until the soonest key should be back, if known.
     """
@@ -409,6 +409,11 @@ class KeyPool:
         prov.keys[key.id] = key
         self._refresh(key, self._now(), [])
 
+    def key_count(self, provider: str) -> int:
+        """How many keys a provider has (O(1))."""
+        with self._lock:
+            return len(self._provider(provider).keys)
+
     def key_ids(self, provider: str | None = None) -> list[str]:
         with self._lock:
             provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
@@ -459,6 +464,16 @@ class KeyPool:
     def _refresh(self, key: _Key, now: float, events: list[PoolEvent]) -> None:
         """Bring a key's sampler weight, state counts and wake-up time in line with its breaker."""
         breaker = key.breaker
+        if breaker.plainly_closed() and key.category == "closed" and key.scheduled_at is None:
+            # The common case, kept cheap: a closed key with nothing pending; only load changes.
+            weight = key.units if key.admits(now) else 0
+            if weight != key.eligible:
+                key.tier.sampler.set(key.index, weight)
+                key.eligible = weight
+            if not weight and key.on_probation(now) and key.probation_until is not None:
+                key.scheduled_at = key.probation_until
+                heapq.heappush(key.provider.heap, (key.probation_until, next(_heap_seq), key))
+            return
         breaker.poll()
         for t in breaker.drain_transitions():
             events.append(KeyStateChanged(key.provider.name, key.id, t.old, t.new, t.reason, t.at))
@@ -478,6 +493,8 @@ class KeyPool:
             key.tier.counts[category] += 1
             key.category = category
         wake = breaker.next_transition_at(now)
+        if now < breaker.throttled_until and (wake is None or breaker.throttled_until < wake):
+            wake = breaker.throttled_until  # throttled -> open: the same state, another category
         admits = breaker.admits_at(now)
         if key.on_probation(now) and key.probation_until is not None:
             admits = max(admits, key.probation_until) if admits is not None else None
@@ -527,8 +544,7 @@ class KeyPool:
     def _pick(self, prov: _Provider, now: float, exclude: frozenset[str]) -> _Key | None:
         tiers = [prov.tiers["primary"]]
         backup = prov.tiers["backup"]
-        spill = tiers[0].sampler.total == 0 and prov.backup_forced is not False
-        if backup.keys and (prov.backup_active or spill):
+        if backup.keys and prov.backup_active:  # backups serve only when their tier is active
             tiers.append(backup)
         totals = [t.sampler.total for t in tiers]
         grand = sum(totals)
@@ -578,21 +594,39 @@ class KeyPool:
 
     def try_acquire(self, provider: str, *, exclude: Iterable[str] = ()) -> Lease:
         """Lease a key now, or raise :class:`NoKeyAvailable` (never waits)."""
-        lease, _soon, _busy = self._take(provider, frozenset(exclude))
+        excluded = frozenset(exclude)
+        lease, _soon, _busy = self._take(provider, excluded)
         if lease is None:
-            self._emit([CallRejected(provider, "breaker_open")])
+            self._refuse(provider, excluded)
             # ``None`` means "never by itself": a merely busy pool frees up shortly.
             raise NoKeyAvailable(provider, _BUSY_POLL if _soon is None and _busy else _soon)
         return lease
 
     def _take(self, provider: str, exclude: frozenset[str]) -> tuple[Lease | None, float | None, bool]:
         """:meth:`_try`, plus a shared trial slot for half-open keys when a store is shared."""
+        contested = False
         while True:
             lease, soon, busy = self._try(provider, exclude)
-            if lease is None or self._claimed(lease):
+            if lease is None:  # keys whose trials run elsewhere free up soon: that is busy
+                return None, soon, busy or contested
+            if self._claimed(lease):
                 return lease, soon, busy
-            exclude = exclude | {lease.key_id}  # every trial slot is taken elsewhere: next key
-            busy = True
+            exclude, contested = exclude | {lease.key_id}, True
+
+    async def _take_async(
+        self, provider: str, exclude: frozenset[str]
+    ) -> tuple[Lease | None, float | None, bool]:
+        """:meth:`_take` for the event loop: a store's claim runs in a worker thread."""
+        contested = False
+        while True:
+            lease, soon, busy = self._try(provider, exclude)
+            if lease is None:
+                return None, soon, busy or contested
+            if self._store is None or not lease.trial:
+                return lease, soon, busy
+            if await anyio.to_thread.run_sync(self._claimed, lease):
+                return lease, soon, busy
+            exclude, contested = exclude | {lease.key_id}, True
 
     def _claimed(self, lease: Lease) -> bool:
         """Whether a trial lease holds a slot in the shared store too (always, without a store)."""
@@ -654,19 +688,31 @@ class KeyPool:
         """Tell observers a call was refused before reaching a key (e.g. ``load_shed``, ``probe_skipped``)."""
         self._emit([CallRejected(provider, reason, key_id)])
 
-    def _wait_plan(self, provider: str, soon: float | None, busy: bool, deadline: float | None) -> float:
+    def _wait_plan(
+        self,
+        provider: str,
+        soon: float | None,
+        busy: bool,
+        deadline: float | None,
+        excluded: frozenset[str],
+    ) -> float:
         """How long to sleep before trying again, or raise if the deadline does not allow it."""
         now = self._now()
         if soon is None and not busy:
-            self._emit([CallRejected(provider, "breaker_open")])
+            self._refuse(provider, excluded)
             raise NoKeyAvailable(provider, None)
         wait = max(soon, 0.0) if soon is not None else _BUSY_POLL
         if busy and soon is not None:
             wait = min(wait, _BUSY_POLL)
         if deadline is not None and now + wait > deadline:
-            self._emit([CallRejected(provider, "breaker_open")])
+            self._refuse(provider, excluded)
             raise NoKeyAvailable(provider, max(soon, 0.0) if soon is not None else wait)
         return wait
+
+    def _refuse(self, provider: str, excluded: Iterable[str]) -> None:
+        """Count a refusal, unless the call already reached keys (failover ran out of them)."""
+        if not excluded:
+            self._emit([CallRejected(provider, "breaker_open")])
 
     async def acquire(
         self, provider: str, *, timeout: float | None = None, exclude: Iterable[str] = ()
@@ -676,14 +722,13 @@ class KeyPool:
         Waits only when a key is expected back inside the deadline (or is merely busy); otherwise
         raises :class:`NoKeyAvailable` at once with ``retry_after``.
         """
-        await anyio.lowlevel.checkpoint()  # a pick never blocks, but other tasks get their turn
         excluded = frozenset(exclude)
         deadline = None if timeout is None else self._now() + timeout
         while True:
-            lease, soon, busy = self._take(provider, excluded)
+            lease, soon, busy = await self._take_async(provider, excluded)
             if lease is not None:
                 return lease
-            await self._clock.sleep(self._wait_plan(provider, soon, busy, deadline))
+            await self._clock.sleep(self._wait_plan(provider, soon, busy, deadline, excluded))
 
     def acquire_sync(
         self, provider: str, *, timeout: float | None = None, exclude: Iterable[str] = ()
@@ -695,7 +740,7 @@ class KeyPool:
             lease, soon, busy = self._take(provider, excluded)
             if lease is not None:
                 return lease
-            self._clock.sleep_sync(self._wait_plan(provider, soon, busy, deadline))
+            self._clock.sleep_sync(self._wait_plan(provider, soon, busy, deadline, excluded))
 
     def _record(self, lease: Lease, permit: Permit, outcome: Outcome, started: float) -> None:
         events: list[PoolEvent] = []
@@ -818,7 +863,9 @@ class KeyPool:
             backup = prov.tiers["backup"].capacity()
             wake = self._next_wake(prov)
             soon = None if wake is None else wake - now
-            any_eligible = any(t.sampler.total for t in prov.tiers.values())
+            any_eligible = prov.tiers["primary"].sampler.total > 0 or (
+                prov.backup_active and prov.tiers["backup"].sampler.total > 0
+            )
             forced = prov.backup_forced
             active = prov.backup_active
         self._emit(events)
@@ -912,8 +959,10 @@ class KeyPool:
 
     # ------------------------------------------------------------------ operations
 
-    def _mutate(self, keys: Iterable[_Key], action: Any) -> int:
+    def _mutate(self, keys: Iterable[_Key], action: Any, share: tuple[Op, str] | None = None) -> int:
+        """Apply an operator's ``action`` to ``keys``; ``share`` is the same change for the store."""
         events: list[PoolEvent] = []
+        shared: list[tuple[str, str, BreakerConfig]] = []
         count = 0
         with self._lock:
             now = self._now()
@@ -921,8 +970,14 @@ class KeyPool:
                 action(key)
                 self._refresh(key, now, events)
                 count += 1
+                if share is not None and self._store is not None:
+                    shared.append((key.provider.name, key.id, key.breaker.config))
             for prov in self._providers.values():
                 self._update_backup(prov, events)
+        if share is not None and self._store is not None:
+            op, reason = share
+            for provider, key_id, config in shared:  # outside the lock, like every store call
+                self._store.submit(provider, key_id, op, config, reason=reason)
         self._emit(events)
         return count
 
@@ -940,15 +995,19 @@ class KeyPool:
             key.breaker.reset()
             key.proven, key.probation_until = False, None  # a rotated key proves itself again
 
-        return self._mutate(self._select(provider, key_id), reset)
+        return self._mutate(self._select(provider, key_id), reset, ("reset", ""))
 
     def trip(self, provider: str | None = None, key_id: str | None = None) -> int:
         """Open breakers now, as if their failure threshold had been reached."""
-        return self._mutate(self._select(provider, key_id), lambda k: k.breaker.force_open())
+        return self._mutate(self._select(provider, key_id), lambda k: k.breaker.force_open(), ("trip", ""))
 
     def quarantine(self, key_id: str, provider: str | None = None) -> None:
         """Take one key out of rotation until it is reset."""
-        self._mutate(self._select(provider, key_id), lambda k: k.breaker.quarantine(OpenReason.MANUAL))
+        self._mutate(
+            self._select(provider, key_id),
+            lambda k: k.breaker.quarantine(OpenReason.MANUAL),
+            ("quarantine", OpenReason.MANUAL.value),
+        )
 
     def update_config(
         self,

@@ -12,6 +12,7 @@ bytes reached the caller raises :class:`~keypool.StreamInterrupted`.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ class _Base:
         auth_scheme: str | None = "Bearer",
         stream_idle_timeout: float | None = None,
         sse_terminator: Terminator = None,
+        attempt_timeout: float | None = None,
     ) -> None:
         if max_attempts is not None and max_attempts < 1:
             from ._errors import ConfigError
@@ -72,6 +74,7 @@ class _Base:
         self.auth_scheme = auth_scheme
         self.stream_idle_timeout = stream_idle_timeout
         self.sse_terminator = sse_terminator
+        self.attempt_timeout = attempt_timeout
 
     def _expects_terminator(self, request: httpx2.Request, response: httpx2.Response) -> bytes | None:
         """The marker this event stream must end with (e.g. ``[DONE]``), if this transport checks it."""
@@ -85,10 +88,12 @@ class _Base:
         return _EndCheck(self._expects_terminator(request, response), _is_event_stream(response))
 
     def _plan(self, request: httpx2.Request) -> _Plan:
-        attempts = max(1, self.max_attempts or len(self.pool.key_ids(self.provider)))
+        attempts = max(1, self.max_attempts or self.pool.key_count(self.provider))
         now = self.pool.clock.now()
         deadline = None if self.timeout is None else now + self.timeout
         shared = current_budget()
+        if shared is not None and shared.exhausted():
+            raise NoKeyAvailable(self.provider, 0.0, "the request's attempt budget or deadline is spent")
         if shared is not None:  # an enclosing request_budget() caps attempts and the deadline
             attempts = max(1, min(attempts, shared.attempts_left))
             left = shared.remaining_time()
@@ -101,6 +106,13 @@ class _Base:
             replayable=isinstance(request.stream, httpx2.ByteStream),
             shared=shared,
         )
+
+    def _attempt_limit(self, plan: _Plan) -> float | None:
+        """How long this attempt may take to answer: its own cap, and never past the deadline."""
+        left = None if plan.deadline is None else max(0.0, plan.deadline - self.pool.clock.now())
+        if self.attempt_timeout is None:
+            return left
+        return self.attempt_timeout if left is None else min(self.attempt_timeout, left)
 
     def _wait_budget(self, plan: _Plan) -> float | None:
         if plan.deadline is None:
@@ -142,6 +154,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         auth_scheme: str | None = "Bearer",
         stream_idle_timeout: float | None = None,
         sse_terminator: Terminator = None,
+        attempt_timeout: float | None = None,
     ) -> None:
         super().__init__(
             pool,
@@ -152,6 +165,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             auth_scheme=auth_scheme,
             stream_idle_timeout=stream_idle_timeout,
             sse_terminator=sse_terminator,
+            attempt_timeout=attempt_timeout,
         )
         self._owns_inner = transport is None
         self.inner = transport or httpx2.AsyncHTTPTransport()
@@ -169,17 +183,20 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
                     raise
                 break
             self._authorize(request, lease, plan)
+            limit = self._attempt_limit(plan)
             try:
-                response = await self.inner.handle_async_request(request)
+                with _within(limit):
+                    response = await self.inner.handle_async_request(request)
             except BaseException as exc:
+                exc = _timed_out(exc, request, limit)
                 if self._judge(lease, plan, classify_exception(exc)):
                     last = exc
                     continue
-                raise
+                raise exc from None
             outcome = classify_status(response.status_code, response.headers)
             if outcome.kind is OutcomeKind.SUCCESS:
                 try:
-                    wrapped = await self._wrap(request, response, lease)
+                    wrapped = await self._wrap(request, response, lease, limit)
                     plan.served(self.provider, lease.key_id)
                     return wrapped
                 except _RetryableStreamStart as failed:
@@ -202,7 +219,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         return last
 
     async def _wrap(
-        self, request: httpx2.Request, response: httpx2.Response, lease: Lease
+        self, request: httpx2.Request, response: httpx2.Response, lease: Lease, limit: float | None
     ) -> httpx2.Response:
         stream = response.stream
         assert isinstance(stream, httpx2.AsyncByteStream)
@@ -210,18 +227,19 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         whole = _buffers_whole(response)
         body = _Body()
         try:
-            while True:
-                with _idle(self.stream_idle_timeout):
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        body.ended = True
+            with _within(limit):  # the head of the body (all of a JSON one) counts toward the attempt
+                while True:
+                    with _idle(self.stream_idle_timeout):
+                        try:
+                            chunk = await chunks.__anext__()
+                        except StopAsyncIteration:
+                            body.ended = True
+                            break
+                    if not body.add(chunk, whole):
                         break
-                if not body.add(chunk, whole):
-                    break
-        except TimeoutError as exc:  # no data for stream_idle_timeout: a read timeout, as httpx2 says
+        except TimeoutError as exc:  # no data in time: a read timeout, as httpx2 would say
             await stream.aclose()
-            stalled = httpx2.ReadTimeout(f"no data for {self.stream_idle_timeout} s", request=request)
+            stalled = httpx2.ReadTimeout("no data before the attempt's time ran out", request=request)
             raise _RetryableStreamStart(_stream_outcome(stalled), stalled) from exc
         except Exception as exc:
             await stream.aclose()
@@ -233,7 +251,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             raise
         if body.ended:
             await stream.aclose()
-            return body.response(request, response, lease)
+            return body.response(request, response, lease, whole, self._end_check(request, response))
         first = body.prefix()
         wrapped = _LeasedAsyncStream(self, stream, chunks, first, lease, self._end_check(request, response))
         return httpx2.Response(
@@ -263,6 +281,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
         auth_header: str = "Authorization",
         auth_scheme: str | None = "Bearer",
         sse_terminator: Terminator = None,
+        attempt_timeout: float | None = None,
     ) -> None:
         super().__init__(
             pool,
@@ -272,6 +291,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             auth_header=auth_header,
             auth_scheme=auth_scheme,
             sse_terminator=sse_terminator,
+            attempt_timeout=attempt_timeout,
         )
         self._owns_inner = transport is None
         self.inner = transport or httpx2.HTTPTransport()
@@ -289,6 +309,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
                     raise
                 break
             self._authorize(request, lease, plan)
+            _cap_timeouts(request, self._attempt_limit(plan))
             try:
                 response = self.inner.handle_request(request)
             except BaseException as exc:
@@ -342,7 +363,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             raise
         if body.ended:
             stream.close()
-            return body.response(request, response, lease)
+            return body.response(request, response, lease, whole, self._end_check(request, response))
         first = body.prefix()
         wrapped = _LeasedSyncStream(self, stream, chunks, first, lease, self._end_check(request, response))
         return httpx2.Response(
@@ -364,8 +385,10 @@ _MAX_WHOLE = 8 * 1024 * 1024  # JSON bodies up to this size are read whole befor
 
 def _buffers_whole(response: httpx2.Response) -> bool:
     """A JSON answer is read whole inside the transport: a body cut short is then retried on
-    another key instead of reaching the caller half-read (the SDK reads it whole anyway)."""
-    return "json" in response.headers.get("content-type", "")
+    another key instead of reaching the caller half-read (the SDK reads it whole anyway).
+    Streamed JSON (``application/x-ndjson``, ``json-seq``) is streamed, not buffered."""
+    media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 class _Body:
@@ -380,6 +403,8 @@ class _Body:
 
     def add(self, chunk: bytes, whole: bool) -> bool:
         """Keep ``chunk``; ``True`` to read on (only a JSON body under the size limit is)."""
+        if not chunk:
+            return True  # nothing reached anyone yet: keep reading
         self.chunks.append(chunk)
         self.size += len(chunk)
         return whole and self.size <= _MAX_WHOLE
@@ -387,28 +412,43 @@ class _Body:
     def prefix(self) -> bytes | None:
         return b"".join(self.chunks) if self.chunks else None
 
-    def response(self, request: httpx2.Request, response: httpx2.Response, lease: Lease) -> httpx2.Response:
-        """The whole body as a finished response, and the key's outcome recorded."""
+    def response(
+        self,
+        request: httpx2.Request,
+        response: httpx2.Response,
+        lease: Lease,
+        json_body: bool,
+        end: _EndCheck,
+    ) -> httpx2.Response:
+        """The whole body as a finished response and the key's success, or a retryable failure
+        if the body cannot be the complete answer (empty or cut JSON, a stream without its end)."""
         content = b"".join(self.chunks)
-        if _buffers_whole(response) and not _complete_json(content):
-            cut = httpx2.RemoteProtocolError("the JSON body ended before it was complete", request=request)
-            raise _RetryableStreamStart(Outcome(OutcomeKind.FAILURE, detail="truncated JSON"), cut)
+        problem = None
+        if json_body and not _complete_json(content, response):
+            problem = "the JSON body ended before it was complete"
+        elif end.missing(content):
+            problem = "the event stream ended without its terminator"
+        if problem is not None:
+            cut = httpx2.RemoteProtocolError(problem, request=request)
+            raise _RetryableStreamStart(Outcome(OutcomeKind.FAILURE, detail=problem), cut)
         lease.success()
-        return httpx2.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=httpx2.ByteStream(content),
-            extensions=response.extensions,
-            request=request,
-        )
+        # The response is ours (the inner transport just made it): swap its body, keep the rest.
+        response.stream = httpx2.ByteStream(content)
+        return response
 
 
-def _complete_json(content: bytes) -> bool:
-    """A cheap test that a JSON document was not cut: it closes what it opened."""
-    text = content.strip()
-    if not text:
-        return True  # an empty 2xx body (e.g. 204-like answers) is complete
-    return (text[:1], text[-1:]) in ((b"{", b"}"), (b"[", b"]")) or text[:1] not in (b"{", b"[")
+def _complete_json(content: bytes, response: httpx2.Response) -> bool:
+    """Whether a 2xx JSON body is a whole document. A body whose length the server declared was
+    checked by the HTTP layer; one sent without a length is parsed to be sure."""
+    if not content.strip():
+        return False
+    if "content-length" in response.headers:
+        return True
+    try:
+        json.loads(content)
+    except ValueError:
+        return False
+    return True
 
 
 class _RetryableStreamStart(Exception):
@@ -426,6 +466,29 @@ def _stream_outcome(exc: BaseException) -> Outcome:
         # Inside the transport, an unexplained error reading the body is the server's doing.
         return Outcome(OutcomeKind.FAILURE, detail=type(exc).__name__)
     return outcome
+
+
+def _within(seconds: float | None) -> contextlib.AbstractContextManager[object]:
+    """A deadline for one attempt (``None``: the SDK's own timeouts only)."""
+    return anyio.fail_after(seconds) if seconds is not None else contextlib.nullcontext()
+
+
+def _timed_out(exc: BaseException, request: httpx2.Request, limit: float | None) -> BaseException:
+    """Our own attempt deadline surfaces as httpx2's read timeout, which SDKs know how to report."""
+    if isinstance(exc, TimeoutError) and limit is not None:
+        return httpx2.ReadTimeout(f"no answer within the attempt's {limit:.3g} s", request=request)
+    return exc
+
+
+def _cap_timeouts(request: httpx2.Request, limit: float | None) -> None:
+    """In the sync path, bound the attempt through httpx2's per-operation timeouts."""
+    if limit is None:
+        return
+    current = dict(request.extensions.get("timeout") or {})
+    for name in ("connect", "read", "write", "pool"):
+        value = current.get(name)
+        current[name] = limit if value is None else min(value, limit)
+    request.extensions = {**request.extensions, "timeout": current}
 
 
 def _idle(seconds: float | None) -> contextlib.AbstractContextManager[object]:
@@ -469,6 +532,10 @@ class _EndCheck:
         lease.failure("stream ended without its terminator")
         marker = self._required.decode(errors="replace")
         raise StreamInterrupted(lease.provider, lease.key_id, f"stream ended without {marker!r}")
+
+    def missing(self, content: bytes) -> bool:
+        """Whether a complete body lacks the required terminator."""
+        return self._required is not None and self._required not in content[-(len(self._required) + 128) :]
 
     def closed_early(self, lease: Lease) -> None:
         """The caller closed the body before its end: a success if the stream was complete."""

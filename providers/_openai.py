@@ -135,7 +135,9 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
     Keys: ``api_keys`` (plus ``backup_keys`` and ``weights``), or a ``pool`` you own, or the
     environment (``{env_prefix}_API_KEYS``, comma-separated, else ``{env_prefix}_API_KEY``).
     ``transport`` is where requests really go (default: a real HTTP transport). ``request_timeout``
-    is one deadline for a request's waits and retries across keys; ``stream_idle_timeout`` fails a
+    is one deadline for a request's waits, attempts and retries across keys (600 s, ``openai``'s
+    own default); ``attempt_timeout`` caps each attempt so a key that never answers gives way to
+    another one sooner; ``stream_idle_timeout`` fails a
     stream that sends nothing for that long. Any other keyword goes to ``openai.AsyncOpenAI``.
     Closing the client closes the HTTP client and transport it created, never a pool or transport
     it was given.
@@ -153,7 +155,8 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
         breaker: BreakerConfig | None = None,
         max_concurrency_per_key: int | None = None,
         max_attempts: int | None = None,
-        request_timeout: float | None = 60.0,
+        request_timeout: float | None = 600.0,
+        attempt_timeout: float | None = None,
         stream_idle_timeout: float | None = 120.0,
         transport: httpx2.AsyncBaseTransport | None = None,
         http_client: httpx2.AsyncClient | None = None,
@@ -181,6 +184,7 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
                 transport=transport,
                 max_attempts=max_attempts,
                 timeout=request_timeout,
+                attempt_timeout=attempt_timeout,
                 stream_idle_timeout=stream_idle_timeout,
                 sse_terminator=_done_on_completions if self.require_stream_terminator else None,
             )
@@ -241,7 +245,8 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
         breaker: BreakerConfig | None = None,
         max_concurrency_per_key: int | None = None,
         max_attempts: int | None = None,
-        request_timeout: float | None = 60.0,
+        request_timeout: float | None = 600.0,
+        attempt_timeout: float | None = None,
         transport: httpx2.BaseTransport | None = None,
         http_client: httpx2.Client | None = None,
         **openai_options: Any,
@@ -268,6 +273,7 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
                 transport=transport,
                 max_attempts=max_attempts,
                 timeout=request_timeout,
+                attempt_timeout=attempt_timeout,
                 sse_terminator=_done_on_completions if self.require_stream_terminator else None,
             )
             http_client = httpx2.Client(transport=self.keypool_transport, timeout=None)

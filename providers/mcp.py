@@ -67,6 +67,10 @@ class MCPEndpoint:
     token: SecretStr | None = None
     key_id: str | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.token, str):  # accept a plain string, but never hold it in the clear
+            object.__setattr__(self, "token", SecretStr(self.token))
+
     def id(self) -> str:
         return self.key_id or fingerprint(self.url, prefix="endpoint")
 
@@ -103,7 +107,7 @@ class _ObservingTransport(httpx2.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        """Nothing: every endpoint's client shares this transport; MCPClient closes the inner one."""
 
 
 class _Endpoint:
@@ -120,6 +124,21 @@ class _Endpoint:
         self.lock = anyio.Lock()
         self.opening = _Observed()
         self.tools: tuple[float, list[Tool]] | None = None
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first real error inside the exception groups the SDK's task groups wrap it in."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+class _NotTheEndpoints(Exception):
+    """A failure that another endpoint would repeat (the caller's request is wrong)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _classify(error: BaseException, seen: _Observed) -> Outcome:
@@ -176,7 +195,8 @@ class MCPClient:
         self.mode = mode
         keys = [
             KeySpec(
-                secret=s.token or SecretStr(f"no-token:{s.url}"),
+                # The pool tells endpoints apart: replicas may share one token.
+                secret=SecretStr(f"{s.url}\n{s.token.get_secret_value() if s.token else ''}"),
                 key_id=s.id(),
             )
             for s in specs
@@ -186,6 +206,7 @@ class MCPClient:
         if name not in pool.providers:
             pool.add_provider({"name": name, "keys": keys, "breaker": breaker or BreakerConfig()})
         self.pool = pool
+        self._owns_transport = transport is None  # a transport you pass is yours to close
         self._transport = _ObservingTransport(transport or httpx2.AsyncHTTPTransport())
         self._endpoints: dict[str, _Endpoint] = {}
         for spec in specs:
@@ -227,7 +248,8 @@ class MCPClient:
             await group.__aexit__(et, exc, tb)
         for ep in self._endpoints.values():
             await ep.http.aclose()
-        await self._transport.aclose()
+        if self._owns_transport:
+            await self._transport.inner.aclose()
 
     async def _own(
         self, ep: _Endpoint, opened: anyio.Event, closing: anyio.Event, opening: _Observed
@@ -275,7 +297,7 @@ class MCPClient:
             group.start_soon(self._own, ep, ep.opened, ep.closing, ep.opening)
             await ep.opened.wait()
             if ep.client is None:
-                raise ep.error or MCPError(-32000, "session closed while opening")
+                raise _leaf(ep.error) if ep.error else MCPError(-32000, "session closed while opening")
             return ep.client
 
     def _drop(self, ep: _Endpoint) -> None:
@@ -315,6 +337,8 @@ class MCPClient:
                     reopened = True
                     continue
                 lease.record(outcome)
+                if not outcome.kind.retry_elsewhere:
+                    raise _NotTheEndpoints(exc) from exc  # the call is wrong: no other replica
                 raise
             except BaseException:
                 lease.release()
@@ -341,9 +365,9 @@ class MCPClient:
             tried.add(lease.key_id)
             try:
                 return await self._attempt(lease, deadline, op, *args)
+            except _NotTheEndpoints as wrong:
+                raise wrong.error from None
             except Exception as exc:
-                if isinstance(exc, MCPError) and exc.code == INVALID_PARAMS:
-                    raise
                 last = exc
         capacity = self.pool.capacity(self.name)
         retry = capacity.next_recovery_in
@@ -377,7 +401,7 @@ class MCPClient:
                 "server": self.name,
                 "retry_after": retry,
                 "endpoints": {row["key_id"]: row["state"] for row in self.pool.stats(self.name)},
-                "last_error": type(last).__name__ if last is not None else None,
+                "last_error": type(_leaf(last)).__name__ if last is not None else None,
             },
             is_error=True,
         )

@@ -168,9 +168,10 @@ class UnifiedAgent:
         self.accepted[priority] += 1
 
     def _order(self, caps: Mapping[str, Capacity]) -> list[ChatRoute]:
-        good = [r for r in self.routes if caps[r.name].status in ("healthy", "degraded")]
-        weak = [r for r in self.routes if caps[r.name].status == "critical"]
-        return good + weak
+        """Healthy and degraded providers first, then critical ones, then down ones (a down
+        provider may still recover inside the deadline), each group in the configured order."""
+        rank = {"healthy": 0, "degraded": 0, "critical": 1, "down": 2}
+        return sorted(self.routes, key=lambda r: rank[caps[r.name].status])
 
     def _passed_over(self, served: ChatRoute, tried: Sequence[str]) -> tuple[str, ...]:
         """The providers the call fell back from, in the configured order: those tried before the

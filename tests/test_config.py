@@ -385,3 +385,12 @@ def test_update_with_a_whole_config() -> None:
     pool.update_config(BreakerConfig(success_threshold=4), provider="q")
     assert pool.breaker_config("q1").success_threshold == 4
     assert pool.breaker_config("p1").success_threshold == 2
+
+
+def test_a_single_string_of_keys_is_refused_not_split_into_characters() -> None:
+    from keypool._config import keys_from
+
+    with pytest.raises(ConfigError, match=r"api_keys: expected a list of keys, got one string"):
+        keys_from("sk-live-one")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="backup_keys"):
+        keys_from(["sk-a"], backup="sk-b")  # type: ignore[arg-type]

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
+from mcp import MCPError
 from mcp_types import CallToolResult, TextContent
 from pydantic import SecretStr
 
@@ -572,3 +574,37 @@ def test_endpoint_ids_default_to_a_fingerprint_of_the_url() -> None:
     assert plain.id().startswith("endpoint")
     assert "mcp-secret-xyz" not in repr(plain)
     assert MCPEndpoint(url="http://127.0.0.1:9/mcp", key_id="east").id() == "east"
+
+
+# ---------------------------------------------------------------------- configuration and caller errors
+
+
+def test_a_plain_string_token_is_held_as_a_secret() -> None:
+    endpoint = MCPEndpoint("http://127.0.0.1:9/mcp", "tok-SECRET-plain-123")  # type: ignore[arg-type]
+    assert isinstance(endpoint.token, SecretStr)
+    assert "tok-SECRET-plain-123" not in repr(endpoint)
+    assert "tok-SECRET-plain-123" not in repr(MCPClient("tools", [endpoint]))
+
+
+def test_replicas_may_share_one_token() -> None:
+    shared = SecretStr("tok-shared-by-replicas")
+    client = MCPClient(
+        "tools", [MCPEndpoint("http://127.0.0.1:9/a", shared), MCPEndpoint("http://127.0.0.1:9/b", shared)]
+    )
+    assert len(client.pool.key_ids("tools")) == 2
+
+
+@pytest.mark.anyio
+async def test_a_callers_bad_request_is_raised_once_and_trips_nothing() -> None:
+    contacted: set[str] = set()
+
+    def bad_request(request: httpx2.Request) -> httpx2.Response:
+        contacted.add(request.url.path)
+        return httpx2.Response(400, json={"error": "bad request"})
+
+    endpoints = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b", "http://127.0.0.1:9/c"]
+    async with MCPClient("tools", endpoints, transport=httpx2.MockTransport(bad_request)) as client:
+        with pytest.raises(MCPError):
+            await client.call_tool("echo", {"text": "x"})
+        assert len(contacted) == 1  # not sent to the other replicas: they would refuse it too
+        assert client.capacity().status == "healthy"

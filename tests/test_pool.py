@@ -407,11 +407,22 @@ def test_manual_backup_activation(clock: FakeClock) -> None:
     assert rec.of(BackupTierChanged)[-1] == BackupTierChanged(P, True, "primary_unhealthy")
 
 
-def test_backups_serve_when_no_primary_can(clock: FakeClock) -> None:
+def test_backups_do_not_serve_while_the_primaries_are_merely_busy(clock: FakeClock) -> None:
     pool = make_pool(clock, primary=1, backup=1, max_concurrency=1)
     held = pool.try_acquire(P)
     assert held.key_id == "k0"
-    assert pool.try_acquire(P).key_id == "b0"  # the primary is merely busy
+    with pytest.raises(NoKeyAvailable):  # the primary is healthy, only busy: backups stay idle
+        pool.try_acquire(P)
+    assert not pool.capacity(P).backup_active
+    held.success()
+    assert pool.try_acquire(P).key_id == "k0"
+
+
+def test_backups_serve_when_no_primary_can(clock: FakeClock) -> None:
+    pool = make_pool(clock, primary=1, backup=1)
+    pool.trip(P, "k0")
+    assert pool.capacity(P).backup_active
+    assert pool.try_acquire(P).key_id == "b0"
 
 
 # ---------------------------------------------------------------------------------- waiting

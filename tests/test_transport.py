@@ -15,6 +15,7 @@ import pytest
 
 from keypool import (
     CallRecorded,
+    CallRejected,
     KeyPool,
     KeyPoolTransport,
     NoKeyAvailable,
@@ -22,6 +23,7 @@ from keypool import (
     PoolEvent,
     StreamInterrupted,
     SyncKeyPoolTransport,
+    request_budget,
 )
 from keypool.testing import FakeClock
 
@@ -757,8 +759,11 @@ def test_a_json_body_cut_mid_way_is_retried_on_another_key_sync(clock: FakeClock
 @pytest.mark.anyio
 async def test_a_json_body_that_ends_early_counts_against_its_key(clock: FakeClock) -> None:
     upstream = Upstream(2)
-    truncated = json.dumps(CHAT).encode()[:-7]  # ends cleanly, but the document is not closed
-    upstream.behaviour["k0"] = lambda request: httpx2.Response(200, headers=JSON_HEADERS, content=truncated)
+    # A chunked body (no declared length) that ends cleanly before its document is closed.
+    truncated = json.dumps(CHAT).encode()[:-7]
+    upstream.behaviour["k0"] = lambda request: httpx2.Response(
+        200, headers=JSON_HEADERS, stream=OneChunkAsyncStream(truncated)
+    )
     pool = make_pool(clock, 2)
     async with async_openai(pool, upstream) as client:
         for _ in range(4):
@@ -776,3 +781,106 @@ async def test_a_whole_json_body_is_recorded_before_the_caller_reads_it(clock: F
         assert [e.outcome for e in rec.recorded()] == [OutcomeKind.SUCCESS]  # before parse()
         assert raw.parse().choices[0].message.content == "hi"
     assert pool.capacity(P).in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_an_empty_json_body_is_retried_on_another_key(clock: FakeClock) -> None:
+    upstream = Upstream(2)
+    upstream.behaviour["k0"] = lambda request: httpx2.Response(
+        200, headers=JSON_HEADERS, stream=OneChunkAsyncStream(b"")
+    )
+    pool = make_pool(clock, 2)
+    async with async_openai(pool, upstream) as client:
+        for _ in range(3):
+            assert (await client.chat.completions.create(model="m", messages=MESSAGES)).choices
+    assert pool.key_stats("k0", P)["total_successes"] == 0
+
+
+@pytest.mark.anyio
+async def test_an_event_stream_that_ends_at_once_without_its_terminator_fails_over(
+    clock: FakeClock,
+) -> None:
+    upstream = Upstream(2)
+    upstream.behaviour["k0"] = event_stream(lambda: OneChunkAsyncStream(b""))
+    pool = make_pool(clock, 2)
+    async with async_openai(pool, upstream, sse_terminator=b"[DONE]") as client:
+        for _ in range(3):
+            stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            got = [c async for c in stream]
+            assert got  # always answered by the healthy key
+    assert pool.key_stats("k0", P)["total_successes"] == 0
+    assert pool.key_stats("k0", P)["total_failures"] == upstream.calls["k0"]
+
+
+@pytest.mark.anyio
+async def test_the_deadline_bounds_each_attempt_so_a_hung_key_fails_over(clock: FakeClock) -> None:
+    # Real time here: the attempt limit is an anyio deadline around the send.
+    upstream = Upstream(2)
+
+    async def hang(request: httpx2.Request) -> httpx2.Response:
+        await anyio.sleep(30)
+        raise AssertionError("not reached")  # pragma: no cover
+
+    upstream.behaviour["k0"] = hang
+    pool = KeyPool(
+        {
+            "providers": [
+                {"name": P, "keys": [{"secret": secret_of(f"k{i}"), "key_id": f"k{i}"} for i in range(2)]}
+            ]
+        }
+    )
+    async with async_openai(pool, upstream, attempt_timeout=0.2) as client:
+        with anyio.fail_after(10):
+            while not upstream.calls["k0"]:  # until the random pick has met the hung key
+                assert (await client.chat.completions.create(model="m", messages=MESSAGES)).choices
+    assert pool.key_stats("k0", P)["total_failures"] == upstream.calls["k0"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_spent_request_budget_sends_nothing(clock: FakeClock) -> None:
+    upstream = Upstream(4)
+    upstream.default = status(503)
+    pool = make_pool(clock, 4)
+    async with async_openai(pool, upstream) as client:
+        with request_budget(attempts=2):
+            for _ in range(3):
+                with pytest.raises((openai.APIStatusError, NoKeyAvailable)):
+                    await client.models.list()
+    assert sum(upstream.calls.values()) == 2
+
+
+@pytest.mark.anyio
+async def test_failover_that_runs_out_of_keys_is_not_a_rejection(clock: FakeClock) -> None:
+    rec = Recorder()
+    upstream = Upstream(2)
+    upstream.default = status(503)
+    pool = make_pool(clock, 2, hooks=(rec,))
+    async with async_openai(pool, upstream) as client:
+        with pytest.raises(openai.InternalServerError):
+            await client.models.list()
+    assert [e for e in rec.events if isinstance(e, CallRejected)] == []
+
+
+@pytest.mark.anyio
+async def test_ndjson_streams_are_streamed_not_buffered(clock: FakeClock) -> None:
+    released = anyio.Event()
+
+    class Gated(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'{"token": 0}\n'
+            await released.wait()
+            yield b'{"token": 1}\n'
+
+    pool = make_pool(clock, 1)
+    inner = httpx2.MockTransport(
+        lambda request: httpx2.Response(200, headers={"content-type": "application/x-ndjson"}, stream=Gated())
+    )
+    async with (
+        httpx2.AsyncClient(transport=KeyPoolTransport(pool, P, transport=inner)) as http,
+        http.stream("GET", f"{BASE}/tokens") as response,
+    ):
+        lines = response.aiter_lines()
+        with anyio.fail_after(5):
+            assert await lines.__anext__() == '{"token": 0}'  # before the rest was sent
+        released.set()
+        assert [line async for line in lines] == ['{"token": 1}']

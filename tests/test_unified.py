@@ -180,10 +180,23 @@ async def test_both_providers_dead_raise_no_key_available_with_retry_after(rig: 
         with pytest.raises(NoKeyAvailable):
             await agent.chat(model="deepseek-chat", messages=messages(), priority="critical")
     sent = rig.total()
+    # Down providers are still tried last, but the pool waits only for a recovery inside the
+    # deadline: with none in sight nothing is sent, and the error says when to come back.
+    quick = rig.agent(max_attempts=10, timeout=OPEN_TIMEOUT / 2)
     with pytest.raises(NoKeyAvailable) as info:
-        await agent.chat(model="deepseek-chat", messages=messages(), priority="critical")
+        await quick.chat(model="deepseek-chat", messages=messages(), priority="critical")
     assert info.value.retry_after == pytest.approx(OPEN_TIMEOUT, abs=1.0)
     assert rig.total() == sent
+
+
+async def test_a_down_provider_is_still_tried_last_when_it_recovers_inside_the_deadline(rig: Rig) -> None:
+    rig.trip("ds-1", "ds-2", "ds-3")  # DeepSeek down, back in OPEN_TIMEOUT
+    rig.kill("perplexity")
+    assert rig.pool.capacity("deepseek").status == "down"
+    answer = await rig.agent(timeout=OPEN_TIMEOUT * 2).chat(model="deepseek-chat", messages=messages())
+    assert answer.provider == "deepseek"  # waited (on the fake clock) for its half-open trial
+    assert rig.clock.slept
+    assert sum(rig.clock.slept) <= OPEN_TIMEOUT + 1
 
 
 async def test_a_bad_request_is_raised_at_once_without_fallback(rig: Rig) -> None:

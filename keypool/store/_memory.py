@@ -40,20 +40,45 @@ def view_of(state: SharedBreaker, to_local: float) -> SharedView:
     )
 
 
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000) if seconds else 0
+
+
 class MemoryStore:
     """Shared state in a dict, on ``clock`` (default: the monotonic clock)."""
 
     def __init__(self, clock: Clock | None = None, *, seed: int | None = None) -> None:
         self._clock = clock or MonotonicClock()
-        self._lock = threading.Lock()
+        # Held while every pool is told of a change too, so that pools learn changes in the order
+        # the store made them (told outside it, two threads could deliver v6 before v5 and leave a
+        # pool on v5 for good). Re-entrant: a hook may react to a change by changing a key again.
+        self._lock = threading.RLock()
         self._states: dict[tuple[str, str], SharedBreaker] = {}
         self._pools: list[KeyPool] = []
         self._rng = random.Random(seed)
 
     def bind(self, pool: KeyPool) -> None:
+        """Share ``pool``'s keys: merge what it knows (the most restrictive view wins, as when a
+        :class:`RedisStore` resynchronises) and tell it what the other pools already decided."""
         with self._lock:
             if pool not in self._pools:
                 self._pools.append(pool)
+        for provider, key_id, view in pool.shared_views():
+            local = SharedBreaker(
+                open=view.open,
+                open_until=_ms(view.open_until),
+                throttled_until=_ms(view.throttled_until),
+                quarantine=view.quarantine,
+            )
+            config = pool.breaker_config(key_id, provider)
+            with self._lock:
+                current = self._states.get((provider, key_id), SharedBreaker())
+                verdict = apply(current, "merge", self._now(), config, local=local, rng=self._rng)
+                self._states[(provider, key_id)] = verdict.state
+                if verdict.state.version:  # a key the store knows something about
+                    view_ = view_of(verdict.state, 0.0)
+                    for each in list(self._pools) if verdict.changed else [pool]:
+                        each.adopt_shared(provider, key_id, view_)
 
     def _now(self) -> int:
         return round(self._clock.now() * 1000)
@@ -67,11 +92,10 @@ class MemoryStore:
                 current, op, self._now(), config, token=token, arg=arg, reason=reason, rng=self._rng
             )
             self._states[(provider, key_id)] = verdict.state
-            pools = list(self._pools)
-        if verdict.changed:
-            view = view_of(verdict.state, 0.0)
-            for pool in pools:
-                pool.adopt_shared(provider, key_id, view)
+            if verdict.changed:
+                view = view_of(verdict.state, 0.0)
+                for pool in list(self._pools):
+                    pool.adopt_shared(provider, key_id, view)
         return verdict.state, verdict.changed, verdict.allowed
 
     def submit(

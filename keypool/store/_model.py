@@ -11,6 +11,7 @@ when a key reopens without anyone having to write it.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -54,10 +55,15 @@ class Verdict:
 
 
 def _open_for(cfg: BreakerConfig, streak: int, rng: random.Random) -> int:
-    seconds = min(cfg.timeout * cfg.backoff_multiplier ** (streak - 1), cfg.max_timeout)
+    """How long a trip keeps the key open, in ms, computed exactly as the Lua script does."""
+    timeout, cap = round(cfg.timeout * 1000), round(cfg.max_timeout * 1000)
+    try:
+        ms = min(timeout * cfg.backoff_multiplier ** (streak - 1), cap)
+    except OverflowError:  # a long streak: Lua's ``^`` gives inf, Python's ``**`` raises
+        ms = cap
     if cfg.jitter:
-        seconds += seconds * cfg.jitter * rng.random()
-    return round(seconds * 1000)
+        ms += ms * cfg.jitter * rng.random()
+    return math.floor(ms + 0.5)  # Lua rounds half up; Python's round() would round half to even
 
 
 def apply(
@@ -74,7 +80,8 @@ def apply(
 ) -> Verdict:
     """Apply one operation at store time ``now`` (ms). Mirrors ``redis_script.lua`` line for line."""
     rng = rng or random.Random()
-    trials = tuple((t, exp) for t, exp in s.trials if exp > now and t != token)
+    # As the script does: sweep expired slots, and free the caller's own (only a real token).
+    trials = tuple((t, exp) for t, exp in s.trials if exp > now and not (token and t == token))
     before = s
     s = replace(s, trials=trials)
     half = s.half_open(now)

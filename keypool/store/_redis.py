@@ -23,10 +23,12 @@ import logging
 import os
 import random
 import threading
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -59,9 +61,17 @@ class _Change:
 
 
 def _safe_url(url: str) -> str:
-    """The URL without credentials, for log lines."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}" if rest else url
+    """The URL without credentials (user info, or a ``password=`` query argument), for log lines."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    address, qmark, query = rest.partition("?")
+    address = address.rpartition("@")[2]
+    if qmark:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        kept = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
+        return f"{scheme}://{address}?{urlencode(kept, safe='*')}"
+    return f"{scheme}://{address}"
 
 
 class RedisStore:
@@ -99,7 +109,13 @@ class RedisStore:
         self._pools: list[KeyPool] = []
         self._offsets: dict[int, float] = {}  # id(pool) -> Redis seconds minus pool-clock seconds
         self._pending: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._held: dict[tuple[str, str], tuple[list[Any], Any]] = {}  # news that came while writing
         self._seen: dict[tuple[str, str], int] = {}
+        # Which incarnation of the shared state the versions in ``_seen`` belong to. After a Redis
+        # restart or flush, the first process back starts a new one and versions start again: a
+        # process that sees a new epoch merges what it knows (its own knowledge is in no store).
+        self._epoch: str | None = None
+        self._lost = False
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._queue: asyncio.Queue[_Change] | None = None
@@ -131,11 +147,15 @@ class RedisStore:
         self._loop.create_task(self._writer())
         self._loop.create_task(self._listener())
         self._loop.call_soon(self._started.set)
-        self._loop.run_forever()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
 
-    async def _call(self, change: _Change, local: SharedView | None = None) -> list[Any]:
+    async def _call(self, change: _Change, local: SharedView | None = None, offset: float = 0.0) -> list[Any]:
+        """Run the script for one change; ``local`` (merge) is a pool's view, ``offset`` its clock's."""
         cfg = change.config
-        offset = self._offsets.get(id(self._pools[0]), 0.0) if self._pools else 0.0
 
         def ms(local_seconds: float) -> int:
             return round((local_seconds + offset) * 1000) if local_seconds else 0
@@ -160,20 +180,27 @@ class RedisStore:
         ]
         if local is not None:
             argv += [int(local.open), ms(local.open_until), ms(local.throttled_until), local.quarantine]
+            argv.append(uuid.uuid4().hex[:16])  # the epoch to start, if the state was lost
         keys = self._keys(change.provider, change.key_id)
-        result: list[Any] = await asyncio.wait_for(
-            self._script(keys=keys, args=argv), timeout=self.op_timeout
-        )
+        async with asyncio.timeout(self.op_timeout):
+            result: list[Any] = await self._script(keys=keys, args=argv)
         if result and result[0] in (b"lost", "lost"):
             await self._resync("the shared state was lost (a Redis restart?)")
-            result = await asyncio.wait_for(self._script(keys=keys, args=argv), timeout=self.op_timeout)
+            async with asyncio.timeout(self.op_timeout):
+                result = await self._script(keys=keys, args=argv)
         return result
 
-    def _adopt(self, provider: str, key_id: str, fields: list[Any], force: bool = False) -> None:
+    def _adopt(self, provider: str, key_id: str, fields: list[Any], epoch: Any, force: bool = False) -> None:
         """Hand a state (as the script returns it) to every bound pool, newest versions only."""
         version = int(fields[8])
         key = (provider, key_id)
+        epoch = _text(epoch)
         with self._lock:
+            if force or self._epoch is None:
+                self._epoch = epoch or self._epoch
+            elif epoch and epoch != self._epoch:
+                self._lost = True  # the state was lost and made again without us: merge first
+                return
             if not force and version <= self._seen.get(key, -1):
                 return
             self._seen[key] = version
@@ -202,7 +229,9 @@ class RedisStore:
 
     async def _writer(self) -> None:
         assert self._queue is not None
-        while True:
+        # Loops test ``_closed`` rather than trusting cancellation alone: on Python 3.11 the
+        # ``asyncio.wait_for`` inside redis-py's send path can swallow a task's cancellation.
+        while not self._closed:
             change = await self._queue.get()
             key = (change.provider, change.key_id)
             try:
@@ -211,7 +240,7 @@ class RedisStore:
                     with self._lock:
                         last = self._pending[key] == 1
                     if last:  # a later change of ours is queued: its answer will be newer
-                        self._adopt(change.provider, change.key_id, result)
+                        self._adopt(change.provider, change.key_id, result, result[12])
             except _TROUBLE as exc:
                 self._degrade(exc)
             except Exception:
@@ -219,17 +248,34 @@ class RedisStore:
             finally:
                 with self._lock:
                     self._pending[key] -= 1
+                    held = self._held.pop(key, None) if self._pending[key] == 0 else None
+                if held is not None:  # another process's change that may be newer than ours
+                    self._adopt(change.provider, change.key_id, *held)
 
     async def _listener(self) -> None:
+        """Adopt other processes' changes; while degraded, try to resynchronise every so often.
+
+        The subscription may outlive a degradation (a Redis too slow to answer, not gone), so
+        recovery cannot wait for it to break: every ``retry_interval`` without news the listener
+        checks whether the store is degraded and, if so, resynchronises.
+        """
         assert self._client is not None
-        while True:
+        while not self._closed:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(self._channel)
+                async with asyncio.timeout(self.op_timeout):
+                    await pubsub.subscribe(self._channel)
                 if self.degraded or not self._healthy.is_set():
                     await self._resync("connected")
-                async for message in pubsub.listen():
-                    self._on_message(message)
+                while not self._closed:
+                    message = await pubsub.get_message(timeout=self.retry_interval)
+                    if message is not None:
+                        self._on_message(message)
+                    if self._lost:
+                        log.info("keypool: shared breaker state on %s was lost; merging ours", self.url)
+                        await self._resync("the shared state was lost")
+                    elif message is None and self.degraded:
+                        await self._resync("answering again")
             except _TROUBLE as exc:
                 self._degrade(exc)
                 await asyncio.sleep(self.retry_interval)
@@ -238,20 +284,36 @@ class RedisStore:
             except Exception:
                 log.exception("keypool: shared state listener failed")
                 await asyncio.sleep(self.retry_interval)
+            finally:
+                with contextlib.suppress(Exception):  # a broken connection: nothing to tidy
+                    async with asyncio.timeout(self.op_timeout):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _on_message(self, message: dict[str, Any]) -> None:
+        if self.degraded:
+            # Serving on local state: what this process learned meanwhile is in no store yet, and
+            # adopting others' news now could undo it (close a key it knows to be open). The
+            # resynchronisation merges both and tells the pools the result.
+            return
         try:
             data = json.loads(message["data"])
             provider, key_id, fields = str(data["p"]), str(data["k"]), list(data["s"])
-        except (ValueError, KeyError, TypeError):
+            epoch = data.get("e")
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
+        key = (provider, key_id)
         with self._lock:
-            if self._pending[(provider, key_id)] > 0:
-                return  # our own write is on its way back with the newest state
-        self._adopt(provider, key_id, fields)
+            if self._pending[key] > 0:
+                # Our own write is on its way back. Adopting this now could undo a change the local
+                # breaker already made; hold it, and the writer adopts it after ours if it is newer.
+                held = self._held.get(key)
+                if held is None or int(fields[8]) > int(held[0][8]) or epoch != held[1]:
+                    self._held[key] = (fields, epoch)
+                return
+        self._adopt(provider, key_id, fields, epoch)
 
     def _degrade(self, exc: BaseException) -> None:
-        if not self.degraded:
+        if not self.degraded and not self._closed:
             self.degraded = True
             self.degradations += 1
             self._healthy.clear()
@@ -261,22 +323,38 @@ class RedisStore:
                 type(exc).__name__,
             )
 
-    async def _measure_offsets(self) -> None:
+    async def _measure_offsets(self, samples: int = 5) -> None:
+        """Redis's clock minus each pool's, from the quickest of a few ``TIME`` round trips.
+
+        One sample is not enough: the first call also opens the connection, and a busy process
+        (one that just started, say) may sit on a reply; either skews the midpoint, and every
+        process would then see keys half-open before Redis does and have its trial claims refused.
+        """
         assert self._client is not None
         for pool in list(self._pools):
-            before = pool.clock.now()
-            seconds, micros = await asyncio.wait_for(self._client.time(), timeout=self.op_timeout)
-            after = pool.clock.now()
-            self._offsets[id(pool)] = seconds + micros / 1e6 - (before + after) / 2
+            best: tuple[float, float] | None = None  # (round trip, offset)
+            for _ in range(samples + 1):
+                before = pool.clock.now()
+                async with asyncio.timeout(self.op_timeout):
+                    seconds, micros = await self._client.time()
+                after = pool.clock.now()
+                sample = (after - before, seconds + micros / 1e6 - (before + after) / 2)
+                if best is None or sample[0] < best[0]:
+                    best = sample
+            assert best is not None
+            self._offsets[id(pool)] = best[1]
 
     async def _resync(self, why: str) -> None:
         """Merge every bound pool's local view into Redis, then adopt the result."""
+        self._lost = False
         await self._measure_offsets()
         for pool in list(self._pools):
+            offset = self._offsets.get(id(pool), 0.0)
             for provider, key_id, view in pool.shared_views():
                 config = pool.breaker_config(key_id, provider)
-                result = await self._call(_Change(provider, key_id, "merge", config), local=view)
-                self._adopt(provider, key_id, result, force=True)
+                change = _Change(provider, key_id, "merge", config)
+                result = await self._call(change, local=view, offset=offset)
+                self._adopt(provider, key_id, result, result[12], force=True)
         if self.degraded:
             log.info("keypool: shared breaker state on %s is back (%s); resynchronised", self.url, why)
         self.degraded = False
@@ -332,7 +410,7 @@ class RedisStore:
                 self._loop.call_soon_threadsafe(self._degrade, exc)
             return True
         if int(result[10]):
-            self._adopt(provider, key_id, result)
+            self._adopt(provider, key_id, result, result[12])
         return int(result[9]) == 1
 
     def close(self) -> None:
@@ -341,14 +419,19 @@ class RedisStore:
         self._closed = True
 
         async def shutdown() -> None:
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
+            pending = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+            for _ in range(20):  # cancel again if a task swallowed it (it must not outlive us)
+                if not pending:
+                    break
+                for task in pending:
                     task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=0.05)
             if self._client is not None:
-                await self._client.aclose()
+                async with asyncio.timeout(1):
+                    await self._client.aclose()
 
         with contextlib.suppress(Exception):  # closing: nothing useful to do with an error
-            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=2)
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=3)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=2)
 

@@ -1,15 +1,19 @@
 -- One atomic change to one key's shared breaker, on Redis's own clock (milliseconds).
 -- Mirrors keypool/store/_model.py `apply`, which the contract tests hold both to.
--- KEYS: 1 state hash, 2 trial-slot sorted set, 3 epoch marker (missing: the state was lost)
+-- KEYS: 1 state hash, 2 trial-slot sorted set, 3 epoch marker: its value names this incarnation of
+--       the shared state (missing: the state was lost; a new value: it was lost and made again)
 -- ARGV: 1 op, 2 failure_threshold, 3 success_threshold, 4 timeout_ms, 5 backoff_multiplier,
 --       6 max_timeout_ms, 7 jitter, 8 half_open_max_calls, 9 probe_timeout_ms, 10 token,
 --       11 arg (ms), 12 reason, 13 channel, 14 provider, 15 key_id, 16 random in [0, 1),
---       17-20 (merge) the local view: open, open_until, throttled_until, quarantine
+--       17-20 (merge) the local view: open, open_until, throttled_until, quarantine,
+--       21 (merge) the epoch to start if there is none
 local h, z, epoch = KEYS[1], KEYS[2], KEYS[3]
 local op = ARGV[1]
 if op == 'merge' then
-  redis.call('SET', epoch, '1')
-elseif redis.call('EXISTS', epoch) == 0 then
+  redis.call('SET', epoch, ARGV[21], 'NX')
+end
+local eid = redis.call('GET', epoch)
+if not eid then
   return {'lost'}
 end
 local fth, sth = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -94,6 +98,6 @@ if table.concat({open, ou, tu, q, f, sc, k, reason}, '|') ~= before then
   redis.call('HSET', h, 'open', open, 'ou', ou, 'tu', tu, 'q', q, 'f', f, 's', sc, 'k', k,
     'reason', reason, 'v', v)
   redis.call('PUBLISH', ARGV[13], cjson.encode({p = ARGV[14], k = ARGV[15],
-    s = {open, ou, tu, q, f, sc, k, reason, v}}))
+    s = {open, ou, tu, q, f, sc, k, reason, v}, e = eid}))
 end
-return {open, ou, tu, q, f, sc, k, reason, v, allowed, changed, now}
+return {open, ou, tu, q, f, sc, k, reason, v, allowed, changed, now, eid}

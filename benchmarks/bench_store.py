@@ -1,0 +1,261 @@
+"""Shared state on Redis vs in memory: throughput, per-call cost and cross-process propagation.
+
+1. Requests/s of ``AsyncDeepSeek`` over the fake upstream on loopback (2,000 requests at
+   concurrency 32, 10 keys), the pool with ``RedisStore`` vs with ``MemoryStore`` vs with no
+   store, interleaved rounds in one run (target: Redis/memory >= 0.8); once with healthy keys
+   (nothing to share) and once with one key failing a fifth of its calls (its failures,
+   successes and trips are shared all along).
+2. The cost of one lease + record (µs) with each store: healthy calls (nothing to share), and
+   calls whose outcome changes shared state (a failure then a success on the same key, so every
+   record is handed to the store).
+3. Cross-process propagation: this process trips keys (five failures each); three other processes
+   note when each trip reaches them (``time.monotonic`` is system-wide on Linux). p50/p99 over
+   all (key, process) pairs (target: p99 <= 50 ms on loopback).
+
+A private ``redis-server`` (Debian's ``redis-server`` package) is started on a free loopback port.
+Run: .venv/bin/python benchmarks/bench_store.py
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import anyio
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.redis_server, the private Redis the tests use too
+
+from keypool import BreakerConfig, BreakerState, KeyPool, KeyStateChanged  # noqa: E402
+from keypool.store import MemoryStore, RedisStore, SharedStore  # noqa: E402
+from keypool.testing import FakeUpstream, Fault, LoopbackServer  # noqa: E402
+from providers import AsyncDeepSeek  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
+P = "deepseek"
+REQUESTS = 2_000
+CONCURRENCY = 32
+ROUNDS = 3
+SECRETS = [f"sk-bench-{i}" for i in range(10)]
+LEASES = 30_000
+OBSERVERS = 3
+TRIPS = 200
+BREAKER = BreakerConfig(timeout=600.0, jitter=0.0)
+
+
+def pool_config(keys: list[dict[str, str]]) -> dict[str, Any]:
+    return {"providers": [{"name": P, "keys": keys, "breaker": BREAKER.model_dump()}]}
+
+
+def bench_keys() -> list[dict[str, str]]:
+    return [{"secret": s, "key_id": f"k{i}"} for i, s in enumerate(SECRETS)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ---------------------------------------------------------------------- 1. requests/s
+
+
+async def drive(client: openai.AsyncOpenAI, requests: int = REQUESTS) -> tuple[float, int]:
+    remaining = iter(range(requests))
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        for i in remaining:
+            try:
+                await client.chat.completions.create(
+                    model="deepseek-chat", messages=[{"role": "user", "content": f"q{i}"}]
+                )
+            except openai.OpenAIError:
+                failed += 1
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for _ in range(CONCURRENCY):
+            group.start_soon(worker)
+    return requests / (time.perf_counter() - start), failed
+
+
+async def throughput(redis_url: str, flaky: bool) -> dict[str, float]:
+    """``flaky``: one key of ten fails one call in five (503), so outcomes are shared all along."""
+    upstream = FakeUpstream(SECRETS, flavor="deepseek")
+    if flaky:
+        upstream.set_fault(SECRETS[0], Fault.flaky(0.2, Fault.status(503), seed=7))
+    stores: dict[str, SharedStore | None] = {
+        "no store": None,
+        "MemoryStore": MemoryStore(),
+        "RedisStore": RedisStore(redis_url, namespace=f"bench-rps-{flaky}"),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in stores}
+    failures = 0
+    with LoopbackServer(upstream, shutdown_timeout=0.2) as server:
+        clients = {
+            name: AsyncDeepSeek(
+                pool=KeyPool(pool_config(bench_keys()), store=store), base_url=server.base_url
+            )
+            for name, store in stores.items()
+        }
+        for client in clients.values():  # warm up
+            await drive(client, 300)
+        for _ in range(ROUNDS):  # interleaved, so machine noise hits all alike
+            for name, client in clients.items():
+                rate, failed = await drive(client)
+                rates[name].append(rate)
+                failures += failed
+        for client in clients.values():
+            await client.close()
+    for store in stores.values():
+        if store is not None:
+            store.close()
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    what = "one key of 10 flaky (20 % 503)" if flaky else "10 healthy keys"
+    label = "1b" if flaky else "1."
+    print(
+        f"{label} {REQUESTS} requests at concurrency {CONCURRENCY} over loopback, {what}, median of {ROUNDS}"
+    )
+    for name, rate in medians.items():
+        print(f"   {name:<12} {rate:8.0f} req/s")
+    ratio = medians["RedisStore"] / medians["MemoryStore"]
+    print(f"   ratio RedisStore/MemoryStore {ratio:6.3f}   target >= 0.8")
+    print(f"   ratio RedisStore/no store    {medians['RedisStore'] / medians['no store']:6.3f}")
+    print(f"   failed requests              {failures:6d}")
+    return medians
+
+
+# ---------------------------------------------------------------------- 2. lease + record
+
+
+def lease_cost(pool: KeyPool, shared: bool) -> float:
+    """µs per lease + record; ``shared``: every record changes shared state."""
+    acquire = pool.try_acquire
+    start = time.perf_counter()
+    if shared:
+        for _ in range(LEASES // 2):
+            lease = acquire(P)
+            lease.failure("503")
+            lease = pool.try_acquire_key(P, lease.key_id) or acquire(P)
+            lease.success()
+    else:
+        for _ in range(LEASES):
+            acquire(P).success()
+    return (time.perf_counter() - start) / LEASES * 1e6
+
+
+def lease_costs(redis_url: str) -> None:
+    print(f"2. lease + record, {LEASES} calls on 10 keys, µs per call (median of {ROUNDS})")
+    made: list[SharedStore] = []
+
+    def pool_with(name: str) -> KeyPool:
+        store: SharedStore | None = None
+        if name == "MemoryStore":
+            store = MemoryStore()
+        elif name == "RedisStore":
+            store = RedisStore(redis_url, namespace=f"bench-lease-{len(made)}")
+        if store is not None:
+            made.append(store)
+        pool = KeyPool(pool_config(bench_keys()), store=store)
+        for key_id in pool.key_ids(P):  # past probation: every key proven
+            lease = pool.try_acquire_key(P, key_id)
+            assert lease is not None
+            lease.success()
+        return pool
+
+    names = ["no store", "MemoryStore", "RedisStore"]
+    for shared in (False, True):
+        label = "outcome shared (failure, success)" if shared else "healthy (nothing to share)"
+        pools = {name: pool_with(name) for name in names}
+        costs: dict[str, list[float]] = {name: [] for name in names}
+        for pool in pools.values():
+            lease_cost(pool, shared)  # warm up
+        for _ in range(ROUNDS):
+            for name, pool in pools.items():
+                costs[name].append(lease_cost(pool, shared))
+        line = "   ".join(f"{name} {statistics.median(costs[name]):6.2f}" for name in names)
+        print(f"   {label:<35} {line}")
+    for store in made:
+        store.close()
+
+
+# ---------------------------------------------------------------------- 3. propagation
+
+
+def observer(url: str, namespace: str, keys: list[dict[str, str]], conn: Connection) -> None:
+    seen: dict[str, float] = {}
+
+    def hook(event: object) -> None:
+        if isinstance(event, KeyStateChanged) and event.new is BreakerState.OPEN:
+            seen.setdefault(event.key_id, time.monotonic())
+
+    store = RedisStore(url, namespace=namespace)
+    KeyPool(pool_config(keys), store=store, hooks=[hook])
+    conn.send("ready")
+    conn.recv()  # "report"
+    conn.send(seen)
+    store.close()
+
+
+def propagation(redis_url: str) -> None:
+    keys = [{"secret": f"sk-trip-{i}", "key_id": f"t{i}"} for i in range(TRIPS)]
+    ctx = multiprocessing.get_context("spawn")
+    conns, procs = [], []
+    for _ in range(OBSERVERS):
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=observer, args=(redis_url, "bench-prop", keys, theirs), daemon=True)
+        proc.start()
+        conns.append(mine)
+        procs.append(proc)
+    for conn in conns:
+        assert conn.recv() == "ready"
+    store = RedisStore(redis_url, namespace="bench-prop")
+    pool = KeyPool(pool_config(keys), store=store)
+    tripped: dict[str, float] = {}
+    for spec in keys:
+        key_id = spec["key_id"]
+        for i in range(BREAKER.failure_threshold):
+            lease = pool.try_acquire_key(P, key_id)
+            assert lease is not None
+            if i == BREAKER.failure_threshold - 1:
+                tripped[key_id] = time.monotonic()
+            lease.failure("503")
+        time.sleep(0.005)  # one trip at a time: the delay of each, not of a queue
+    time.sleep(0.5)
+    delays: list[float] = []
+    missing = 0
+    for conn in conns:
+        conn.send("report")
+        seen = conn.recv()
+        for key_id, at in tripped.items():
+            if key_id in seen:
+                delays.append((seen[key_id] - at) * 1000)
+            else:
+                missing += 1
+    for proc in procs:
+        proc.join(timeout=10)
+    store.close()
+    print(f"3. trip propagation to {OBSERVERS} other processes, {TRIPS} trips ({len(delays)} samples)")
+    print(
+        f"   p50 {statistics.median(delays):6.2f} ms   p99 {percentile(delays, 0.99):6.2f} ms"
+        f"   max {max(delays):6.2f} ms   target p99 <= 50 ms   never seen: {missing}"
+    )
+
+
+def main() -> None:
+    with RedisServer() as server:
+        anyio.run(throughput, server.url, False)
+        anyio.run(throughput, server.url, True)
+        lease_costs(server.url)
+        propagation(server.url)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ it skip, naming Debian's ``redis-server`` package; with ``CI=true`` they fail in
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -57,6 +58,7 @@ class RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="keypool-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
         self.password: str | None = None
+        self._at_exit = False
         if "--requirepass" in extra:
             self.password = extra[extra.index("--requirepass") + 1]
 
@@ -92,6 +94,9 @@ class RedisServer:
             str(Path(self._dir.name) / "redis.log"),
             *self.extra,
         ]
+        if not self._at_exit:  # a test run that dies early must not leave a server behind
+            atexit.register(self.stop)
+            self._at_exit = True
         deadline = time.monotonic() + timeout
         while True:  # the port may still be held for a moment after a stop: try again
             self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

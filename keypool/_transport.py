@@ -76,16 +76,12 @@ class _Base:
         self.sse_terminator = sse_terminator
         self.attempt_timeout = attempt_timeout
 
-    def _expects_terminator(self, request: httpx2.Request, response: httpx2.Response) -> bytes | None:
-        """The marker this event stream must end with (e.g. ``[DONE]``), if this transport checks it."""
-        if not _is_event_stream(response):
-            return None
-        marker = self.sse_terminator
-        return marker(request) if callable(marker) else marker
-
     def _end_check(self, request: httpx2.Request, response: httpx2.Response) -> _EndCheck:
-        """How the end of this response's body is judged."""
-        return _EndCheck(self._expects_terminator(request, response), _is_event_stream(response))
+        """How the end of this response's body is judged (an event stream may need a terminator)."""
+        if not _is_event_stream(response):
+            return _PLAIN_BODY
+        marker = self.sse_terminator
+        return _EndCheck(marker(request) if callable(marker) else marker, event_stream=True)
 
     def _plan(self, request: httpx2.Request) -> _Plan:
         attempts = max(1, self.max_attempts or self.pool.key_count(self.provider))
@@ -184,8 +180,10 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
                 break
             self._authorize(request, lease, plan)
             limit = self._attempt_limit(plan)
+            _cap_timeouts(request, limit)  # httpx2's own timeouts: free, and enough for a hung key
+            hard = limit if self.attempt_timeout is not None else None  # a strict cap costs a scope
             try:
-                with _within(limit):
+                with _within(hard):
                     response = await self.inner.handle_async_request(request)
             except BaseException as exc:
                 exc = _timed_out(exc, request, limit)
@@ -196,7 +194,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             outcome = classify_status(response.status_code, response.headers)
             if outcome.kind is OutcomeKind.SUCCESS:
                 try:
-                    wrapped = await self._wrap(request, response, lease, limit)
+                    wrapped = await self._wrap(request, response, lease, hard)
                     plan.served(self.provider, lease.key_id)
                     return wrapped
                 except _RetryableStreamStart as failed:
@@ -227,9 +225,12 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         whole = _buffers_whole(response)
         body = _Body()
         try:
-            with _within(limit):  # the head of the body (all of a JSON one) counts toward the attempt
+            # The head of the body (all of a JSON one) counts toward the attempt; the idle timeout
+            # guards each chunk only where the attempt has no strict cap of its own or it is a stream.
+            idle = None if whole and limit is not None else self.stream_idle_timeout
+            with _within(limit):
                 while True:
-                    with _idle(self.stream_idle_timeout):
+                    with _idle(idle):
                         try:
                             chunk = await chunks.__anext__()
                         except StopAsyncIteration:
@@ -481,7 +482,7 @@ def _timed_out(exc: BaseException, request: httpx2.Request, limit: float | None)
 
 
 def _cap_timeouts(request: httpx2.Request, limit: float | None) -> None:
-    """In the sync path, bound the attempt through httpx2's per-operation timeouts."""
+    """Bound an attempt through httpx2's per-operation timeouts (no read may outlast the deadline)."""
     if limit is None:
         return
     current = dict(request.extensions.get("timeout") or {})
@@ -543,6 +544,9 @@ class _EndCheck:
             lease.success()
         else:
             lease.release()  # a caller closing early blames nobody
+
+
+_PLAIN_BODY = _EndCheck(None, event_stream=False)  # keeps no state: one serves every plain body
 
 
 class _LeasedAsyncStream(httpx2.AsyncByteStream):

@@ -68,6 +68,48 @@ class _PooledSettings:
     probe: ClassVar[Probe] = Probe(method="GET", path="/models")
     require_stream_terminator: ClassVar[bool] = True
 
+    pool: KeyPool
+    provider: str
+    keypool_transport: Any
+
+    def _connect(
+        self,
+        http_client: Any,
+        transport_type: type[KeyPoolTransport] | type[SyncKeyPoolTransport],
+        client_type: type[httpx2.AsyncClient] | type[httpx2.Client],
+        keys: dict[str, Any],
+        options: dict[str, Any],
+    ) -> Any:
+        """The HTTP client under the openai client: adopted from a copy, or built over a pool."""
+        adopted = getattr(http_client, "_transport", None)
+        if isinstance(adopted, transport_type):  # openai's copy()/with_options(): share it
+            self.pool, self.provider, self.keypool_transport = adopted.pool, adopted.provider, adopted
+            return http_client
+        if http_client is not None:
+            raise ConfigError("http_client: pass transport= instead; the client builds its own")
+        self.pool, self.provider = self._resolve_pool(**keys)
+        terminator = _done_on_completions if self.require_stream_terminator else None
+        self.keypool_transport = transport_type(
+            self.pool, self.provider, sse_terminator=terminator, **options
+        )
+        return client_type(transport=self.keypool_transport, timeout=None)
+
+    def _openai_options(
+        self, base_url: str | None, http_client: Any, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """What the openai constructor gets: our HTTP client, no SDK retries, a placeholder key."""
+        options.pop("api_key", None)
+        url = base_url or self.default_base_url
+        if url is None:
+            raise ConfigError("base_url: required for a generic OpenAI-compatible provider")
+        return {
+            **options,
+            "api_key": _PLACEHOLDER_KEY,
+            "base_url": url,
+            "http_client": http_client,
+            "max_retries": 0,
+        }
+
     @classmethod
     def _resolve_pool(
         cls,
@@ -162,39 +204,24 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
         http_client: httpx2.AsyncClient | None = None,
         **openai_options: Any,
     ) -> None:
-        adopted = getattr(http_client, "_transport", None)
-        if isinstance(adopted, KeyPoolTransport):  # openai's copy()/with_options(): share it
-            self.pool, self.provider = adopted.pool, adopted.provider
-            self.keypool_transport = adopted
-        else:
-            if http_client is not None:
-                raise ConfigError("http_client: pass transport= instead; the client builds its own")
-            self.pool, self.provider = self._resolve_pool(
-                provider=provider,
-                api_keys=api_keys,
-                backup_keys=backup_keys,
-                weights=weights,
-                pool=pool,
-                breaker=breaker,
-                max_concurrency_per_key=max_concurrency_per_key,
-            )
-            self.keypool_transport = KeyPoolTransport(
-                self.pool,
-                self.provider,
-                transport=transport,
-                max_attempts=max_attempts,
-                timeout=request_timeout,
-                attempt_timeout=attempt_timeout,
-                stream_idle_timeout=stream_idle_timeout,
-                sse_terminator=_done_on_completions if self.require_stream_terminator else None,
-            )
-            http_client = httpx2.AsyncClient(transport=self.keypool_transport, timeout=None)
-        openai_options.pop("api_key", None)
-        openai_options["max_retries"] = 0
-        url = base_url or self.default_base_url
-        if url is None:
-            raise ConfigError("base_url: required for a generic OpenAI-compatible provider")
-        super().__init__(api_key=_PLACEHOLDER_KEY, base_url=url, http_client=http_client, **openai_options)
+        keys = {
+            "provider": provider,
+            "api_keys": api_keys,
+            "backup_keys": backup_keys,
+            "weights": weights,
+            "pool": pool,
+            "breaker": breaker,
+            "max_concurrency_per_key": max_concurrency_per_key,
+        }
+        options = {
+            "transport": transport,
+            "max_attempts": max_attempts,
+            "timeout": request_timeout,
+            "attempt_timeout": attempt_timeout,
+            "stream_idle_timeout": stream_idle_timeout,
+        }
+        http = self._connect(http_client, KeyPoolTransport, httpx2.AsyncClient, keys, options)
+        super().__init__(**self._openai_options(base_url, http, openai_options))
 
     async def request(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -251,38 +278,23 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
         http_client: httpx2.Client | None = None,
         **openai_options: Any,
     ) -> None:
-        adopted = getattr(http_client, "_transport", None)
-        if isinstance(adopted, SyncKeyPoolTransport):
-            self.pool, self.provider = adopted.pool, adopted.provider
-            self.keypool_transport = adopted
-        else:
-            if http_client is not None:
-                raise ConfigError("http_client: pass transport= instead; the client builds its own")
-            self.pool, self.provider = self._resolve_pool(
-                provider=provider,
-                api_keys=api_keys,
-                backup_keys=backup_keys,
-                weights=weights,
-                pool=pool,
-                breaker=breaker,
-                max_concurrency_per_key=max_concurrency_per_key,
-            )
-            self.keypool_transport = SyncKeyPoolTransport(
-                self.pool,
-                self.provider,
-                transport=transport,
-                max_attempts=max_attempts,
-                timeout=request_timeout,
-                attempt_timeout=attempt_timeout,
-                sse_terminator=_done_on_completions if self.require_stream_terminator else None,
-            )
-            http_client = httpx2.Client(transport=self.keypool_transport, timeout=None)
-        openai_options.pop("api_key", None)
-        openai_options["max_retries"] = 0
-        url = base_url or self.default_base_url
-        if url is None:
-            raise ConfigError("base_url: required for a generic OpenAI-compatible provider")
-        super().__init__(api_key=_PLACEHOLDER_KEY, base_url=url, http_client=http_client, **openai_options)
+        keys = {
+            "provider": provider,
+            "api_keys": api_keys,
+            "backup_keys": backup_keys,
+            "weights": weights,
+            "pool": pool,
+            "breaker": breaker,
+            "max_concurrency_per_key": max_concurrency_per_key,
+        }
+        options = {
+            "transport": transport,
+            "max_attempts": max_attempts,
+            "timeout": request_timeout,
+            "attempt_timeout": attempt_timeout,
+        }
+        http = self._connect(http_client, SyncKeyPoolTransport, httpx2.Client, keys, options)
+        super().__init__(**self._openai_options(base_url, http, openai_options))
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -25,8 +25,9 @@ ROUNDS = 3
 SECRETS = [f"sk-bench-{i}" for i in range(10)]
 
 
-async def drive(client: openai.AsyncOpenAI) -> tuple[float, int]:
-    remaining = iter(range(REQUESTS))
+async def drive(client: openai.AsyncOpenAI, requests: int = REQUESTS) -> tuple[float, int]:
+    """Send ``requests`` chat calls from CONCURRENCY workers; (requests/s, failed requests)."""
+    remaining = iter(range(requests))
     failed = 0
 
     async def worker() -> None:
@@ -43,7 +44,7 @@ async def drive(client: openai.AsyncOpenAI) -> tuple[float, int]:
     async with anyio.create_task_group() as group:
         for _ in range(CONCURRENCY):
             group.start_soon(worker)
-    return REQUESTS / (time.perf_counter() - start), failed
+    return requests / (time.perf_counter() - start), failed
 
 
 async def main() -> None:

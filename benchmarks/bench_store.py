@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.redis_server, the private Redis the tests use too
@@ -37,6 +36,9 @@ from keypool.store import MemoryStore, RedisStore, SharedStore  # noqa: E402
 from keypool.testing import FakeUpstream, Fault, LoopbackServer  # noqa: E402
 from providers import AsyncDeepSeek  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_failover import drive  # noqa: E402  (the same load as the failover benchmark)
 
 P = "deepseek"
 REQUESTS = 2_000
@@ -63,27 +65,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------- 1. requests/s
-
-
-async def drive(client: openai.AsyncOpenAI, requests: int = REQUESTS) -> tuple[float, int]:
-    remaining = iter(range(requests))
-    failed = 0
-
-    async def worker() -> None:
-        nonlocal failed
-        for i in remaining:
-            try:
-                await client.chat.completions.create(
-                    model="deepseek-chat", messages=[{"role": "user", "content": f"q{i}"}]
-                )
-            except openai.OpenAIError:
-                failed += 1
-
-    start = time.perf_counter()
-    async with anyio.create_task_group() as group:
-        for _ in range(CONCURRENCY):
-            group.start_soon(worker)
-    return requests / (time.perf_counter() - start), failed
 
 
 async def throughput(redis_url: str, flaky: bool) -> dict[str, float]:

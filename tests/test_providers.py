@@ -45,6 +45,7 @@ from providers import (
     Perplexity,
     PooledOpenAI,
 )
+from tests.upstreams import Swap, messages
 
 SECRETS = {
     "alpha": "sk-live-alpha-5f1c2e9d77",
@@ -55,27 +56,6 @@ THRESHOLD = 5  # the runbook's failure_threshold, the pool's default
 PLACEHOLDER = "keypool-managed"
 RIG_KINDS = ("async-asgi", "async-loopback", "sync-loopback")
 NET_KINDS = ("async-loopback", "sync-loopback")
-
-
-class Swap:
-    """An ASGI app that forwards to whichever upstream the current test installed."""
-
-    def __init__(self) -> None:
-        self.app: FakeUpstream = FakeUpstream()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-
-
-@pytest.fixture(scope="module")
-def loopback() -> Iterator[tuple[Swap, LoopbackServer]]:
-    swap = Swap()
-    with LoopbackServer(swap, shutdown_timeout=0.2) as server:
-        yield swap, server
-
-
-def messages(text: str) -> Any:
-    return [{"role": "user", "content": text}]
 
 
 def sync_chat(client: openai.OpenAI, text: str, stream: bool, model: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,29 +24,11 @@ import pytest
 from keypool import KeyPool, KeySpec, StreamInterrupted
 from keypool.testing import FakeClock, FakeUpstream, Fault, KeyCounters, LoopbackServer
 from providers import AsyncDeepSeek, AsyncPerplexity, AsyncPooledOpenAI, DeepSeek
+from tests.upstreams import Swap, messages
 
 SECRETS = {"alpha": "sk-stream-alpha-93e1f0aa", "bravo": "sk-stream-bravo-17c4d2bb"}
 TEXT = "one two three four five six"
 IDLE = 0.3  # stream_idle_timeout (and the sync client's read timeout) in the stall tests
-
-
-class Swap:
-    def __init__(self) -> None:
-        self.app: Any = FakeUpstream()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-
-
-@pytest.fixture(scope="module")
-def loopback() -> Iterator[tuple[Swap, LoopbackServer]]:
-    swap = Swap()
-    with LoopbackServer(swap, shutdown_timeout=0.2) as server:
-        yield swap, server
-
-
-def messages(text: str) -> Any:
-    return [{"role": "user", "content": text}]
 
 
 @dataclass

@@ -284,6 +284,13 @@ class CircuitBreaker:
         # While throttled over an open breaker, the visible state changes only when both passed.
         return max(candidates) if self._throttled_until > t else min(candidates)
 
+    def trial_slots_full(self, now: float | None = None) -> bool:
+        """Half-open with every trial slot held by a call in flight: busy, not down."""
+        t = self._clock() if now is None else now
+        if self.state(t) is not BreakerState.HALF_OPEN:
+            return False
+        return self.trials_in_flight(t) >= self._trial_cap()
+
     def trials_in_flight(self, now: float | None = None) -> int:
         t = self._clock() if now is None else now
         probing = self._state is BreakerState.HALF_OPEN or self._recheck_due(t)

@@ -46,7 +46,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._breaker import BreakerState, OpenReason
 from ._errors import ConfigError
-from ._events import BackupTierChanged, CallRecorded, CallRejected, KeyStateChanged, PoolEvent
+from ._events import (
+    REFUSAL_REASONS,
+    BackupTierChanged,
+    CallRecorded,
+    CallRejected,
+    KeyStateChanged,
+    PoolEvent,
+)
 from ._outcome import OutcomeKind
 
 if TYPE_CHECKING:
@@ -69,7 +76,7 @@ _TRANSITIONS = (
     ("half_open", "open"),
     ("open", "closed"),
 )
-_REJECT_REASONS = frozenset({"breaker_open", "load_shed", "probe_skipped"})
+_REJECT_REASONS = frozenset(REFUSAL_REASONS)
 _KEY_CATEGORIES = ("closed", "half_open", "open", "throttled", "quarantined")
 _STATE_VALUE = {s.label: float(s.value) for s in BreakerState}
 

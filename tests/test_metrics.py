@@ -109,7 +109,8 @@ def test_trip_half_open_and_close(pool: KeyPool, clock: FakeClock, registry: Col
     assert key_value(registry, transitions, "a", from_state="closed", to_state="open") == 1
     assert key_value(registry, "keypool_requests_total", "a", outcome="failure") == 5
     assert value(registry, "keypool_keys", provider=P, state="open") == 1
-    assert value(registry, "keypool_capacity_healthy_share", provider=P) == pytest.approx(2 / 3)
+    # The idle backup "c" is a reserve, not capacity: one of the two serving primaries is closed.
+    assert value(registry, "keypool_capacity_healthy_share", provider=P) == pytest.approx(1 / 2)
 
     # No traffic at all: the scrape alone notices that the timeout has passed.
     clock.advance(60)
@@ -202,7 +203,7 @@ def test_rejected_calls_by_reason(pool: KeyPool, registry: CollectorRegistry) ->
     pool.note_rejected(P, "load_shed")
     pool.note_rejected(P, "probe_skipped", "a")
     pool.note_rejected(P, "something-new")
-    assert value(registry, "keypool_rejected_calls_total", provider=P, reason="breaker_open") == 1
+    assert value(registry, "keypool_rejected_calls_total", provider=P, reason="manual") == 1
     assert value(registry, "keypool_rejected_calls_total", provider=P, reason="load_shed") == 1
     assert value(registry, "keypool_rejected_calls_total", provider=P, reason="probe_skipped") == 1
     assert value(registry, "keypool_rejected_calls_total", provider=P, reason="other") == 1

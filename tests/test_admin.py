@@ -243,6 +243,32 @@ async def test_stats_has_the_runbook_shape(client: Client) -> None:
     assert [s["key_id"] for s in only.json()] == ["pp-1"]
 
 
+
+@pytest.mark.anyio
+async def test_open_reason_shows_while_out_and_null_once_closed(
+    client: Client, pool: KeyPool, clock: FakeClock
+) -> None:
+    async def reason_of(key_id: str) -> tuple[str, str | None]:
+        entry = by_id((await client.get("/api/v1/circuit-breaker/stats")).json())[key_id]
+        return entry["state"], entry["open_reason"]
+
+    fail(pool, "deepseek", "ds-1", 5)
+    assert await reason_of("ds-1") == ("open", "failures")
+    clock.advance(60)
+    assert await reason_of("ds-1") == ("half_open", "failures")  # still out: why it went out
+    for _ in range(2):  # success_threshold trials close it
+        lease = pool.try_acquire_key("deepseek", "ds-1")
+        assert lease is not None
+        lease.success()
+    assert await reason_of("ds-1") == ("closed", None)
+
+    lease = pool.try_acquire_key("deepseek", "ds-2")
+    assert lease is not None
+    lease.record(Outcome(OutcomeKind.THROTTLED, 429, retry_after=5.0))
+    assert await reason_of("ds-2") == ("open", "throttled")
+    clock.advance(5)  # the Retry-After instant passes: back without a trial
+    assert await reason_of("ds-2") == ("closed", None)
+
 @pytest.mark.anyio
 async def test_reset_all_and_one_provider(client: Client, pool: KeyPool) -> None:
     fail(pool, "deepseek", "ds-1", 5)

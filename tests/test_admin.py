@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import anyio
 import httpx2
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -448,7 +449,6 @@ async def test_openapi_documents_every_error_answer(pool: KeyPool, protect_reads
 
 def body_validator(app: Any, method: str, path: str) -> Any:
     """A JSON Schema validator for the request body of one operation of the app's OpenAPI document."""
-    jsonschema = pytest.importorskip("jsonschema")
     doc = app.openapi()
     schema = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
     return jsonschema.Draft202012Validator({**schema, "components": doc["components"]})

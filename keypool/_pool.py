@@ -248,12 +248,12 @@ class KeyPool:
         are neither leased nor waited for.
         """
         excluded = frozenset(exclude)
-        deadline, limit = self._limits(provider, timeout, max_wait)
+        deadline = self._limits(timeout, max_wait)
         waiter: Waiter | None = None
         contested = False
         try:
             while True:
-                lease, plan = self._attempt(provider, excluded, waiter, deadline, limit, contested)
+                lease, plan = self._attempt(provider, excluded, waiter, deadline, max_wait, contested)
                 if lease is not None:
                     if self._store is None or not lease.trial:
                         return lease
@@ -284,12 +284,12 @@ class KeyPool:
     ) -> Lease:
         """:meth:`acquire` for threads: blocks the calling thread while it waits."""
         excluded = frozenset(exclude)
-        deadline, limit = self._limits(provider, timeout, max_wait)
+        deadline = self._limits(timeout, max_wait)
         waiter: Waiter | None = None
         contested = False
         try:
             while True:
-                lease, plan = self._attempt(provider, excluded, waiter, deadline, limit, contested)
+                lease, plan = self._attempt(provider, excluded, waiter, deadline, max_wait, contested)
                 if lease is not None:
                     if self._claimed(lease):
                         return lease
@@ -308,16 +308,13 @@ class KeyPool:
                 self._abandon(provider, waiter)
             raise
 
-    def _limits(
-        self, provider: str, timeout: float | None, max_wait: float | None
-    ) -> tuple[float | None, float]:
+    def _limits(self, timeout: float | None, max_wait: float | None) -> float | None:
+        """The deadline on the pool's clock (``max_wait`` is resolved per provider, under the lock)."""
         if timeout is not None and not timeout >= 0:
             raise ConfigError(f"timeout: must be >= 0 seconds or None (got {timeout})")
         if max_wait is not None and not max_wait >= 0:
             raise ConfigError(f"max_wait: must be >= 0 seconds or None (got {max_wait})")
-        with self._lock:
-            limit = self._provider(provider).config.max_wait if max_wait is None else max_wait
-        return (None if timeout is None else self._now() + timeout), limit
+        return None if timeout is None else self._now() + timeout
 
     def _wait_time(self, plan: Plan, contested: bool) -> float | None:
         wait = None if plan.until is None else max(0.0, plan.until - self._now())
@@ -331,7 +328,7 @@ class KeyPool:
         exclude: frozenset[str],
         waiter: Waiter | None,
         deadline: float | None,
-        max_wait: float,
+        max_wait: float | None,
         contested: bool,
     ) -> tuple[Lease | None, Plan | None]:
         """Under the lock: the lease handed to ``waiter``, or one free now, or what to do next.
@@ -351,7 +348,8 @@ class KeyPool:
                 lease = self._lease_from(prov, now, exclude, events)
             plan = None
             if lease is None:
-                plan = plan_for(prov, now, exclude, deadline, max_wait, contested)
+                limit = prov.config.max_wait if max_wait is None else max_wait
+                plan = plan_for(prov, now, exclude, deadline, limit, contested)
                 if waiter is not None:
                     if plan.wait:
                         if not waiter.queued:

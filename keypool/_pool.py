@@ -41,6 +41,7 @@ __all__ = ["Capacity", "CapacityStatus", "KeyPool", "Lease", "TierCapacity"]
 log = logging.getLogger("keypool")
 
 _BUSY_POLL = 0.005  # seconds between looks when every key is merely busy (no known instant)
+_TRIP_REASONS = (OpenReason.FAILURES, OpenReason.TRIAL_FAILED)  # what a shared store calls a trip
 
 
 class KeyPool:
@@ -408,6 +409,7 @@ class KeyPool:
                 return
             key = prov.keys[key_id]
             key.shared_failures = view.failures
+            mine = f"{self._instance}:"
             key.breaker.adopt(
                 open_=view.open,
                 open_until=view.open_until,
@@ -416,6 +418,8 @@ class KeyPool:
                 reason=OpenReason(view.reason) if view.reason else None,
                 failures=view.failures,
                 successes=view.successes,
+                # Trials other pools run: this pool then claims only slots that look free.
+                foreign_trials=[at for token, at in view.trials if not token.startswith(mine)],
             )
             key.refresh(self._now(), events)
             prov.update_backup(events)
@@ -430,6 +434,7 @@ class KeyPool:
                 for key in prov.keys.values():
                     b = key.breaker
                     tripped = b.tripped_until()
+                    why = b.open_reason if tripped is not None and not b.quarantined else None
                     rows.append(
                         (
                             prov.name,
@@ -439,7 +444,7 @@ class KeyPool:
                                 open_until=tripped or 0.0,
                                 throttled_until=b.throttled_until if b.throttled_until > now else 0.0,
                                 quarantine=b.quarantine_reason or "",
-                                reason="",
+                                reason=why.value if why in _TRIP_REASONS else "",
                                 failures=b.failure_count,
                                 successes=0,
                                 version=0,

@@ -6,12 +6,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .._config import BreakerConfig
+from .._errors import KeyPoolError
 from ._model import Op
 
 if TYPE_CHECKING:
     from .._pool import KeyPool
 
-__all__ = ["SharedStore", "SharedView"]
+__all__ = ["SharedStore", "SharedView", "StoreUnavailable"]
+
+
+class StoreUnavailable(KeyPoolError):
+    """A strict shared store could not be reached (or refused us) at start-up; names the cause."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,7 @@ class SharedView:
     failures: int
     successes: int
     version: int
+    trials: tuple[tuple[str, float], ...] = ()  # (token, expires at): trial slots held everywhere
 
 
 class SharedStore(Protocol):
@@ -54,7 +60,9 @@ class SharedStore(Protocol):
         """Apply a change in the background; never raises, never blocks for long."""
 
     def claim(self, provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
-        """Take a shared trial slot; ``True`` also when the store cannot answer (local decides)."""
+        """Take a shared trial slot. ``False`` when every slot is taken, and also when the store
+        cannot answer in time (the caller tries another key); ``True`` without asking while the
+        store is known to be unreachable (the local breaker decides)."""
         ...
 
     def close(self) -> None:

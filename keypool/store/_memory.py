@@ -37,6 +37,7 @@ def view_of(state: SharedBreaker, to_local: float) -> SharedView:
         failures=state.failures,
         successes=state.successes,
         version=state.version,
+        trials=tuple((token, local(at)) for token, at in state.trials),
     )
 
 
@@ -58,17 +59,21 @@ class MemoryStore:
         self._rng = random.Random(seed)
 
     def bind(self, pool: KeyPool) -> None:
-        """Share ``pool``'s keys: merge what it knows (the most restrictive view wins, as when a
-        :class:`RedisStore` resynchronises) and tell it what the other pools already decided."""
+        """Share ``pool``'s keys: what it knows of a key that the store holds nothing newer about
+        (a key it tripped, throttled or quarantined on its own) is merged in as news of now, and
+        it is told what the other pools already decided."""
         with self._lock:
             if pool not in self._pools:
                 self._pools.append(pool)
         for provider, key_id, view in pool.shared_views():
+            knows = view.open or bool(view.quarantine) or view.throttled_until > 0
             local = SharedBreaker(
                 open=view.open,
                 open_until=_ms(view.open_until),
                 throttled_until=_ms(view.throttled_until),
                 quarantine=view.quarantine,
+                reason=view.reason,
+                stamp=self._now() if knows else 0,
             )
             config = pool.breaker_config(key_id, provider)
             with self._lock:

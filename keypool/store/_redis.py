@@ -188,6 +188,7 @@ class RedisStore:
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._ready = asyncio.Event()  # set once the constructor's first connection is decided
         self._client: aioredis.Redis | None = None
         self._sha = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()  # the script's name
         self._thread = threading.Thread(target=self._run_loop, name="keypool-redis", daemon=True)
@@ -216,7 +217,8 @@ class RedisStore:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
 
     def _start(self) -> None:
-        """Connect once now, so a wrong password or an untrusted certificate is known at once."""
+        """Connect once now, so a wrong password or an untrusted certificate is known at once
+        (the listener waits for this, so that a strict store that fails says nothing more)."""
         try:
             self._run(self._connect(), timeout=max(2.0, 4 * self.op_timeout))
         except Exception as exc:
@@ -226,7 +228,11 @@ class RedisStore:
                 raise StoreUnavailable(
                     f"shared breaker state on {self.url} unavailable: {cause} (strict: not serving unshared)"
                 ) from None
-            self._loop.call_soon_threadsafe(self._degrade, exc)
+            self._run(self._started_degraded(exc), timeout=2.0)
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def _started_degraded(self, exc: BaseException) -> None:
+        self._degrade(exc)
 
     async def _connect(self) -> None:
         assert self._client is not None
@@ -472,6 +478,7 @@ class RedisStore:
         without one) the listener checks whether an attempt is due.
         """
         assert self._client is not None
+        await self._ready.wait()
         while not self._closed:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:

@@ -147,6 +147,12 @@ class BreakerConfig(_Model):
         if unknown:
             allowed = ", ".join(sorted(type(self).model_fields))
             raise ConfigError(f"unknown breaker config field(s) {sorted(unknown)}; allowed: {allowed}")
+        for name, value in changes.items():  # as strict as the admin API: no True for 1, no "10"
+            integral = type(self).model_fields[name].annotation is int
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or (integral and not isinstance(value, int)):
+                wanted = "an integer" if integral else "a number"
+                raise ConfigError(f"{name}: expected {wanted} (got {type(value).__name__})")
         return validate(BreakerConfig, {**self.model_dump(), **changes})
 
 
@@ -186,6 +192,26 @@ class ProviderConfig(_Model):
         ge=0.0,
         le=60.0,
         description="seconds a new key carries one call at a time until its first success",
+    )
+    max_wait: float = Field(
+        5.0,
+        ge=0.0,
+        le=86_400.0,
+        description="seconds a caller may wait for a down provider's soonest recovery (a short "
+        "Retry-After) before it is refused at once; a busy provider is waited for up to the deadline",
+    )
+    incident_window: float = Field(
+        60.0,
+        ge=0.0,
+        le=86_400.0,
+        description="every key refused (401/403/402) within this many seconds is a provider "
+        "incident: the keys are re-verified on a backoff schedule instead of staying quarantined",
+    )
+    recheck_after: float = Field(
+        30.0,
+        gt=0.0,
+        le=86_400.0,
+        description="seconds before a key refused in a provider incident is first re-verified",
     )
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,6 +17,7 @@ import pytest
 from keypool import (
     CallRecorded,
     CallRejected,
+    CallSettings,
     KeyPool,
     KeyPoolTransport,
     NoKeyAvailable,
@@ -346,7 +348,7 @@ def test_sync_bad_request_is_not_retried(clock: FakeClock) -> None:
 
 
 @pytest.mark.anyio
-async def test_never_the_same_key_twice_in_one_request(clock: FakeClock) -> None:
+async def test_a_failure_beside_clean_keys_is_free_then_max_retries_bound_the_rest(clock: FakeClock) -> None:
     pool = make_pool(clock, 4, seed=5)
     upstream = Upstream(4)
     upstream.default = status(503)
@@ -354,8 +356,44 @@ async def test_never_the_same_key_twice_in_one_request(clock: FakeClock) -> None
         with pytest.raises(openai.InternalServerError):
             await client.models.list(extra_headers={"x-test-request": "one"})
     tried = upstream.per_request["one"]
-    assert len(tried) == 4  # the default budget: one attempt per key
-    assert len(set(tried)) == 4
+    # While another key is closed with no failures, a 503 looks like the key's own: each key once,
+    # free. Then the provider looks down: max_retries (2, as in openai) more attempts, no more.
+    assert len(tried) == 4 + 2
+    assert len(set(tried[:4])) == 4  # never the same key twice while another can serve
+    assert len(clock.slept) == 1  # the openai client's backoff before the first reuse only
+    assert 0.375 <= clock.slept[0] <= 0.5
+
+
+@pytest.mark.anyio
+async def test_a_key_is_tried_again_only_when_no_other_can_serve_after_openais_backoff(
+    clock: FakeClock,
+) -> None:
+    pool = make_pool(clock, 2, seed=5)
+    upstream = Upstream(2)
+    upstream.default = status(503)
+    settings = CallSettings(retries=4)
+    async with async_openai(pool, upstream, settings=settings) as client:
+        with pytest.raises(openai.InternalServerError):
+            await client.models.list(extra_headers={"x-test-request": "one"})
+    tried = upstream.per_request["one"]
+    assert len(tried) == 2 + 4  # the first failure beside a clean key is free; then 4 retries
+    for start in (0, 2, 4):  # each round tries both keys before either is reused
+        assert len(set(tried[start : start + 2])) == 2
+    # before each reuse, the openai client's own delays: 0.5 s, then 1 s (less up to a quarter)
+    assert len(clock.slept) == 2
+    for slept, base in zip(clock.slept, (0.5, 1.0), strict=True):
+        assert 0.75 * base <= slept <= base
+
+
+@pytest.mark.anyio
+async def test_key_scope_failures_move_on_without_costing_a_retry(clock: FakeClock) -> None:
+    pool = make_pool(clock, 4, seed=5)
+    upstream = Upstream(4)
+    upstream.default = status(401)
+    upstream.behaviour["k3"] = ok
+    async with async_openai(pool, upstream, settings=CallSettings(retries=0)) as client:
+        await client.models.list(extra_headers={"x-test-request": "one"})
+    assert upstream.per_request["one"][-1] == "k3"  # however many revoked keys came first
 
 
 @pytest.mark.anyio
@@ -425,7 +463,8 @@ async def test_request_waits_for_a_recovery_inside_its_deadline(clock: FakeClock
     pool = make_pool(clock, 1, hooks=(rec,))
     pool.trip(P)
     upstream = Upstream(1)
-    async with async_openai(pool, upstream, timeout=90) as client:
+    patient = CallSettings(max_wait=math.inf)  # a down pool is waited for only within max_wait
+    async with async_openai(pool, upstream, timeout=90, settings=patient) as client:
         await client.models.list()
     assert clock.slept == [60.0]
     assert [(e.outcome, e.trial) for e in rec.recorded()] == [(OutcomeKind.SUCCESS, True)]

@@ -307,7 +307,7 @@ class RedisStore:
             self._suspect = False
 
     def _start_probe(self) -> None:
-        self._loop.create_task(self._probe(asyncio.TimeoutError()))
+        self._loop.create_task(self._probe(TimeoutError()))
 
     def _trouble(self, exc: BaseException, keys: Sequence[tuple[str, str]] = ()) -> None:
         if _slow(exc):

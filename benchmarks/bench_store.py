@@ -18,7 +18,9 @@
    that adds 10 ms to every round trip. Then ``half_open_max_calls`` across the 8: in each round
    every process grabs trial slots of 20 half-open keys from 12 threads released together and
    holds them until all are done; the overshoot is the number of trials held at once beyond the
-   limit, summed over all keys and rounds (target: 0), with the claim latency.
+   limit, summed over all keys and rounds (target: 0), with the claim latency. And an operator's
+   config change (``update_config``, what ``PATCH`` calls) made in one process: when the seven
+   others have applied it (p50/p99 over 50 changes).
 
 A private ``redis-server`` (Debian's ``redis-server`` package) is started on a free loopback port;
 every store uses the default settings. Run: .venv/bin/python benchmarks/bench_store.py
@@ -248,6 +250,7 @@ TRIAL_KEYS = [f"h{i}" for i in range(20)]
 TRIAL_ROUNDS = 5
 TRIAL_THREADS = 12
 TRIAL_OPEN = 0.3
+ADMIN_CHANGES = 50
 
 
 def fleet_config() -> dict[str, Any]:
@@ -320,6 +323,17 @@ def fleet_worker(url: str, namespace: str, conn: Connection, barrier: Any) -> No
     store = RedisStore(url, namespace=namespace)
     pool = KeyPool(fleet_config(), store=store, hooks=[hook])
     busy = threading.Event()
+    applied: dict[int, float] = {}  # an operator's change (its mark) -> when it applied here
+    apply_admin = pool.apply_admin
+
+    def noting(entry: Any) -> Any:
+        result = apply_admin(entry)
+        mark = entry.get("changes", {}).get("max_retry_after")
+        if mark is not None:
+            applied.setdefault(int(mark), time.monotonic())
+        return result
+
+    pool.apply_admin = noting  # type: ignore[method-assign]
 
     def load() -> None:  # traffic over 4 keys, one of them failing a fifth of its calls
         rng = random.Random()
@@ -356,6 +370,17 @@ def fleet_worker(url: str, namespace: str, conn: Connection, barrier: Any) -> No
                     lease.failure("503")
                 time.sleep(0.01)
             conn.send(at)
+        elif command == "admin":  # PATCH config, one change at a time
+            made: dict[int, float] = {}
+            for i in range(ADMIN_CHANGES):
+                mark = 3600 + i
+                made[mark] = time.monotonic()
+                pool.update_config({"max_retry_after": mark}, provider="trip")
+                time.sleep(0.01)
+            conn.send(made)
+        elif command == "applied":
+            time.sleep(1.0)
+            conn.send(dict(applied))
         elif command == "seen":
             time.sleep(1.0)
             conn.send(dict(seen))
@@ -411,6 +436,22 @@ def fleet_run(url: str, label: str) -> None:
     print(
         f"   p50 {statistics.median(delays):6.2f} ms   p99 {percentile(delays, 0.99):6.2f} ms"
         f"   max {max(delays):6.2f} ms   never seen: {missing}"
+    )
+    conns[0].send(("admin", None))
+    made = conns[0].recv()
+    admin_delays, admin_missing = [], 0
+    for conn in conns[1:]:
+        conn.send(("applied", None))
+        applied = conn.recv()
+        for mark, at in made.items():
+            if mark in applied:
+                admin_delays.append((applied[mark] - at) * 1000)
+            else:
+                admin_missing += 1
+    print(
+        f"   operator's config change (update_config, what PATCH calls) applied in the 7 others:"
+        f" p50 {statistics.median(admin_delays):.2f} ms p99 {percentile(admin_delays, 0.99):.2f} ms"
+        f" ({len(admin_delays)} samples, never applied: {admin_missing})"
     )
     overshoot, claims, slow, degradations, episodes = 0, [], 0, 0, 0
     for _ in range(TRIAL_ROUNDS):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._config import BreakerConfig
 from .._errors import KeyPoolError
@@ -41,6 +41,8 @@ class SharedStore(Protocol):
     the store: it hands each change to :meth:`submit` (which must not block) and adopts what the
     store tells it back through :meth:`KeyPool.adopt_shared`. Only taking a half-open trial slot
     asks the store synchronously (:meth:`claim`), so the trial limit holds across all pools.
+    Operators' configuration changes go through :meth:`share_admin` and come back to the other
+    pools through :meth:`KeyPool.apply_admin`.
     """
 
     def bind(self, pool: KeyPool) -> None:
@@ -64,6 +66,10 @@ class SharedStore(Protocol):
         cannot answer in time (the caller tries another key); ``True`` without asking while the
         store is known to be unreachable (the local breaker decides)."""
         ...
+
+    def share_admin(self, pool: KeyPool, entry: dict[str, Any]) -> None:
+        """An operator's change ``pool`` made (see :mod:`keypool.store._admin`): log it and have
+        every other pool apply it, now and when it binds later. Never raises, never blocks long."""
 
     def close(self) -> None:
         """Stop sharing and release connections."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock, MonotonicClock
 from .._config import BreakerConfig
@@ -57,6 +57,8 @@ class MemoryStore:
         self._states: dict[tuple[str, str], SharedBreaker] = {}
         self._pools: list[KeyPool] = []
         self._rng = random.Random(seed)
+        self._admin_log: list[dict[str, Any]] = []  # operators' changes, in order (see _admin)
+        self._admin_seen: dict[int, int] = {}  # id(pool) -> entries of the log it has applied
 
     def bind(self, pool: KeyPool) -> None:
         """Share ``pool``'s keys: what it knows of a key that the store holds nothing newer about
@@ -65,6 +67,7 @@ class MemoryStore:
         with self._lock:
             if pool not in self._pools:
                 self._pools.append(pool)
+            self._replay(pool)  # the configuration the other pools run with, keys included
         for provider, key_id, view in pool.shared_views():
             knows = view.open or bool(view.quarantine) or view.throttled_until > 0
             local = SharedBreaker(
@@ -118,6 +121,25 @@ class MemoryStore:
 
     def claim(self, provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
         return self._apply(provider, key_id, "claim", config, token, 0, "")[2]
+
+    def share_admin(self, pool: KeyPool, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._admin_log.append(entry)
+            self._admin_seen[id(pool)] = len(self._admin_log)  # the pool applied it already
+            for other in list(self._pools):
+                if other is not pool:
+                    self._replay(other)
+
+    def _replay(self, pool: KeyPool) -> None:
+        """Apply the entries ``pool`` has not seen yet, in order (the lock held)."""
+        seen = self._admin_seen.get(id(pool), 0)
+        for entry in self._admin_log[seen:]:
+            added = pool.apply_admin(entry)
+            if added is not None:
+                state = self._states.get(added)
+                if state is not None and state.version:
+                    pool.adopt_shared(*added, view_of(state, 0.0))
+        self._admin_seen[id(pool)] = len(self._admin_log)
 
     def state(self, provider: str, key_id: str) -> SharedBreaker:
         """What the store holds for a key (for tests and inspection)."""

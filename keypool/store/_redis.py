@@ -34,7 +34,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,9 +44,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._config import BreakerConfig
 from .._errors import ConfigError
 from ._base import SharedView, StoreUnavailable
+from ._leases import Ticket, Trials
 from ._model import Op
+from ._redis_log import SharedLog
 from ._setup import backoff, describe, open_pool, safe_url, strict_from_env
-from ._wire import Change, Local, Wire, argv, state_keys, text
+from ._wire import Change, Local, Wire, argv, local_for_merge, state_keys, text
 
 if TYPE_CHECKING:
     from .._pool import KeyPool
@@ -57,47 +58,15 @@ __all__ = ["RedisStore"]
 log = logging.getLogger("keypool.store")
 
 _SCRIPT = resources.files("keypool.store").joinpath("redis_script.lua").read_text()
+
 _TROUBLE = (RedisError, OSError, asyncio.TimeoutError)
 _BATCH = 256  # changes per pipeline
-_SAME_MS = 50  # open deadlines this close are one state (clock offsets are re-measured)
 _T = TypeVar("_T")
 
 
 def _slow(exc: BaseException) -> bool:
     """A call that was not answered in time (as opposed to a connection that failed)."""
     return isinstance(exc, (asyncio.TimeoutError, RedisTimeoutError))
-
-
-class _Ticket:
-    """A claim's fate, decided once: answered in time, or abandoned by its caller."""
-
-    __slots__ = ("abandoned", "answered", "lock")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.abandoned = False
-        self.answered = False
-
-    def abandon(self) -> bool:
-        with self.lock:
-            self.abandoned = not self.answered
-            return self.abandoned
-
-    def answer(self) -> bool:
-        """``False`` if the caller gave up first."""
-        with self.lock:
-            self.answered = not self.abandoned
-            return self.answered
-
-
-@dataclass(frozen=True, slots=True)
-class _Slot:
-    """A trial slot this process holds: renewed until its outcome is sent, at most until ``cap``."""
-
-    provider: str
-    key_id: str
-    config: BreakerConfig
-    cap: int
 
 
 class RedisStore:
@@ -166,8 +135,9 @@ class RedisStore:
         self._seen: dict[tuple[str, str], int] = {}
         self._known: dict[tuple[str, str], Wire] = {}  # the last state adopted, per key
         self._touched: dict[tuple[str, str], float] = {}  # monotonic time of our last unshared change
-        self._slots: dict[str, _Slot] = {}  # token -> a trial slot we hold
+        self._trials = Trials(self)  # the trial slots we hold
         self._stale: set[tuple[str, str]] = set()  # keys whose write went unanswered: merge them
+        self._log = SharedLog(self, f"{namespace}:admin")  # operators' changes, in order
         # Which incarnation of the shared state the versions in ``_seen`` belong to. After a Redis
         # restart or flush, the first process back starts a new one and versions start again: a
         # process that sees a new epoch merges what it knows (its own knowledge is in no store).
@@ -203,7 +173,8 @@ class RedisStore:
         asyncio.set_event_loop(self._loop)
         try:
             self._client = aioredis.Redis(connection_pool=self._connections)
-            for task in (self._writer, self._listener, self._renewer, self._clock):
+            self._log.connect(self._client)
+            for task in (self._writer, self._listener, self._trials.renew, self._clock, self._log.writer):
                 self._loop.create_task(task())
         finally:
             self._loop.call_soon(self._started.set)
@@ -352,26 +323,12 @@ class RedisStore:
         return round((monotonic + self._mono_offset) * 1000)
 
     def _local(self, provider: str, key_id: str, view: SharedView, offset: float) -> Local:
-        """A pool's view for a merge, stamped with when it last changed: when the store last told
-        us (unchanged since), or when we last changed it without the store knowing."""
-
-        def ms(seconds: float) -> int:
-            return round((seconds + offset) * 1000) if seconds else 0
-
-        now = self._store_ms(time.monotonic())
-        mine = (view.open, ms(view.open_until) if view.open else 0, ms(view.throttled_until), view.quarantine)
         with self._lock:
             known = self._known.get((provider, key_id))
             touched = self._touched.get((provider, key_id))
-        if known is not None and _same(mine, known.signature(now)):
-            stamp = known.stamp
-        elif touched is not None:
-            stamp = self._store_ms(touched)
-        elif known is not None:
-            stamp = known.stamp
-        else:  # never shared: what it knows is news only if it knows something
-            stamp = now if mine != (False, 0, 0, "") else 0
-        return Local(mine[0], mine[1], mine[2], mine[3], view.reason, stamp)
+        now = self._store_ms(time.monotonic())
+        changed = None if touched is None else self._store_ms(touched)
+        return local_for_merge(view, offset, known, changed, now)
 
     async def _measure_offsets(self, samples: int = 5) -> None:
         """Redis's clock minus ours, from the quickest of a few ``TIME`` round trips.
@@ -418,6 +375,8 @@ class RedisStore:
                     if reply is not None:
                         self._adopt(change.provider, change.key_id, reply, force=True)
         if full:
+            await self._log.flush()  # what operators changed here meanwhile, then what others did
+            await self._log.replay()
             if self.degraded:
                 log.info("keypool: shared breaker state on %s is back (%s); resynchronised", self.url, why)
             self.degraded = False
@@ -524,6 +483,9 @@ class RedisStore:
         elif self._stale:
             keys, self._stale = self._stale, set()
             await self._resync("unanswered writes", keys=keys)
+        if self._log.due and not self.degraded:
+            self._log.due = False
+            await self._log.replay()
 
     def _on_message(self, message: dict[str, Any]) -> None:
         if self.degraded:
@@ -533,25 +495,13 @@ class RedisStore:
             return
         try:
             data = json.loads(message["data"])
+            if "a" in data:  # the operators' log grew
+                self._stale.update(self._log.heard(int(data["a"]), data.get("x")))
+                return
             provider, key_id, wire = str(data["p"]), str(data["k"]), Wire.from_message(data)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             return
         self._news(provider, key_id, wire)
-
-    async def _renewer(self) -> None:
-        """Renew the leases of the trial slots this process holds, a few times per lease."""
-        while not self._closed:
-            await asyncio.sleep(self.trial_lease / 3)
-            if self.degraded:
-                continue
-            with self._lock:
-                slots = list(self._slots.items())
-            for token, slot in slots:
-                self._enqueue(
-                    Change(
-                        slot.provider, slot.key_id, "renew", slot.config, token, self._lease_ms, cap=slot.cap
-                    )
-                )
 
     async def _clock(self) -> None:
         """Measure the clock offsets again now and then: a clock step on the Redis host (or ours)
@@ -583,6 +533,7 @@ class RedisStore:
 
     async def _bound(self, pool: KeyPool) -> None:
         try:
+            await self._log.replay([pool])  # the configuration the others run with, keys included
             await self._resync("bound", pools=[pool])
         except _TROUBLE as exc:
             self._degrade(exc)
@@ -600,13 +551,17 @@ class RedisStore:
     ) -> None:
         with self._lock:
             if token:
-                self._slots.pop(token, None)  # its outcome is on its way: no more renewals
+                self._trials.slots.pop(token, None)  # its outcome is on its way: no more renewals
             self._touched[(provider, key_id)] = time.monotonic()
             if self._closed or self.degraded:
                 return  # local state carries on; the resync merges it when Redis is back
             self._pending[(provider, key_id)] += 1
         change = Change(provider, key_id, op, config, token, arg, reason)
         self._loop.call_soon_threadsafe(self._queue.put_nowait, change)
+
+    def share_admin(self, pool: KeyPool, entry: dict[str, Any]) -> None:
+        if not self._closed:
+            self._loop.call_soon_threadsafe(self._log.queue.put_nowait, json.dumps(entry))
 
     def claim(self, provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
         if self._closing or self.degraded:
@@ -616,8 +571,8 @@ class RedisStore:
                 self.slow_claims += 1
             return False
         change = Change(provider, key_id, "claim", config, token, self._lease_ms)
-        ticket = _Ticket()
-        future = asyncio.run_coroutine_threadsafe(self._claim(change, ticket), self._loop)
+        ticket = Ticket()
+        future = asyncio.run_coroutine_threadsafe(self._trials.claim(change, ticket), self._loop)
         try:
             return future.result(timeout=self.claim_timeout)
         except TimeoutError:
@@ -633,34 +588,6 @@ class RedisStore:
             log.exception("keypool: trial claim failed")
             return True
 
-    async def _claim(self, change: Change, ticket: _Ticket) -> bool:
-        key = (change.provider, change.key_id)
-        try:
-            reply = (await self._batch([change]))[0]
-        except _TROUBLE as exc:
-            self._trouble(exc)
-            return self.degraded  # Redis gone: the local breaker decides; merely slow: refused
-        if reply is None:
-            return True  # Redis refused the script for this key (logged): the local breaker decides
-        held = reply.allowed and reply.open  # closed keys need no slot
-        if held:
-            with self._lock:
-                self._slots[change.token] = _Slot(
-                    change.provider,
-                    change.key_id,
-                    change.config,
-                    reply.now + round(change.config.probe_timeout * 1000),
-                )
-        if not ticket.answer():
-            if held:  # the caller gave up before the answer came: give the slot back
-                with self._lock:
-                    self._slots.pop(change.token, None)
-                self._enqueue(Change(change.provider, change.key_id, "release", change.config, change.token))
-            return False
-        if reply.changed:
-            self._news(*key, reply)
-        return reply.allowed
-
     def close(self) -> None:
         """Send what is queued, give back the trial slots still held, and stop (a few seconds at
         most, even with Redis gone)."""
@@ -673,11 +600,7 @@ class RedisStore:
                 with contextlib.suppress(*_TROUBLE):
                     async with asyncio.timeout(2 * self.op_timeout):
                         await self._queue.join()
-                with self._lock:
-                    slots, self._slots = self._slots, {}
-                gone = [
-                    Change(s.provider, s.key_id, "release", s.config, token) for token, s in slots.items()
-                ]
+                gone = self._trials.give_back()
                 if gone:
                     with contextlib.suppress(*_TROUBLE):
                         await self._batch(gone)
@@ -702,7 +625,3 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore(url={self.url!r}, namespace={self.namespace!r}, degraded={self.degraded})"
-
-
-def _same(a: tuple[bool, int, int, str], b: tuple[bool, int, int, str]) -> bool:
-    return a[0] == b[0] and a[3] == b[3] and abs(a[1] - b[1]) <= _SAME_MS and abs(a[2] - b[2]) <= _SAME_MS

@@ -15,7 +15,9 @@ from .._config import BreakerConfig
 from ._base import SharedView
 from ._model import Op
 
-__all__ = ["Change", "Wire", "argv", "escape", "state_keys", "text"]
+__all__ = ["Change", "Local", "Wire", "argv", "escape", "local_for_merge", "state_keys", "text"]
+
+_SAME_MS = 50  # open deadlines this close are one state (clock offsets are re-measured)
 
 
 def escape(name: str) -> str:
@@ -177,3 +179,29 @@ class Wire:
             version=self.version,
             trials=tuple((token, local(at)) for token, at in self.trials),
         )
+
+
+def local_for_merge(
+    view: SharedView, offset: float, known: Wire | None, changed: int | None, now: int
+) -> Local:
+    """A pool's view for a merge (store ms), stamped with when it last changed: when the store last
+    told us (``known``, if unchanged since), or when we last changed it without the store knowing
+    (``changed``). ``offset``: store seconds minus pool seconds; ``now``: store ms."""
+
+    def ms(seconds: float) -> int:
+        return round((seconds + offset) * 1000) if seconds else 0
+
+    mine = (view.open, ms(view.open_until) if view.open else 0, ms(view.throttled_until), view.quarantine)
+    if known is not None and _same(mine, known.signature(now)):
+        stamp = known.stamp
+    elif changed is not None:
+        stamp = changed
+    elif known is not None:
+        stamp = known.stamp
+    else:  # never shared: what it knows is news only if it knows something
+        stamp = now if mine != (False, 0, 0, "") else 0
+    return Local(mine[0], mine[1], mine[2], mine[3], view.reason, stamp)
+
+
+def _same(a: tuple[bool, int, int, str], b: tuple[bool, int, int, str]) -> bool:
+    return a[0] == b[0] and a[3] == b[3] and abs(a[1] - b[1]) <= _SAME_MS and abs(a[2] - b[2]) <= _SAME_MS

@@ -397,6 +397,23 @@ def fleet_worker(url: str, namespace: str, conn: Connection, barrier: Any) -> No
     store.close()
 
 
+def delays_in_others(conns: list[Connection], make: str, report: str) -> tuple[list[float], int]:
+    """The first process makes changes (``make``: when each was made); the others say when each
+    reached them (``report``). (Delays in ms, changes that never arrived.)"""
+    conns[0].send((make, None))
+    made = conns[0].recv()
+    delays, missing = [], 0
+    for conn in conns[1:]:
+        conn.send((report, None))
+        arrived = conn.recv()
+        for change, at in made.items():
+            if change in arrived:
+                delays.append((arrived[change] - at) * 1000)
+            else:
+                missing += 1
+    return delays, missing
+
+
 def fleet_run(url: str, label: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     namespace = f"bench-fleet-{label.split()[0]}"
@@ -418,17 +435,7 @@ def fleet_run(url: str, label: str) -> None:
 
     ask_all("load")
     time.sleep(0.5)
-    conns[0].send(("trip", None))
-    tripped = conns[0].recv()
-    delays, missing = [], 0
-    for conn in conns[1:]:
-        conn.send(("seen", None))
-        seen = conn.recv()
-        for key_id, at in tripped.items():
-            if key_id in seen:
-                delays.append((seen[key_id] - at) * 1000)
-            else:
-                missing += 1
+    delays, missing = delays_in_others(conns, "trip", "seen")
     print(
         f"4. {label}: trip propagation under load, {FLEET} processes, {LOAD_TRIPS} trips"
         f" ({len(delays)} samples)"
@@ -437,17 +444,7 @@ def fleet_run(url: str, label: str) -> None:
         f"   p50 {statistics.median(delays):6.2f} ms   p99 {percentile(delays, 0.99):6.2f} ms"
         f"   max {max(delays):6.2f} ms   never seen: {missing}"
     )
-    conns[0].send(("admin", None))
-    made = conns[0].recv()
-    admin_delays, admin_missing = [], 0
-    for conn in conns[1:]:
-        conn.send(("applied", None))
-        applied = conn.recv()
-        for mark, at in made.items():
-            if mark in applied:
-                admin_delays.append((applied[mark] - at) * 1000)
-            else:
-                admin_missing += 1
+    admin_delays, admin_missing = delays_in_others(conns, "admin", "applied")
     print(
         f"   operator's config change (update_config, what PATCH calls) applied in the 7 others:"
         f" p50 {statistics.median(admin_delays):.2f} ms p99 {percentile(admin_delays, 0.99):.2f} ms"

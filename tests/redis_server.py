@@ -26,8 +26,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["LOOPBACK", "RedisServer", "TcpProxy", "free_port", "redis_server_binary", "running_redis"]
+__all__ = [
+    "LOOPBACK",
+    "RedisServer",
+    "TcpProxy",
+    "closed_afterwards",
+    "free_port",
+    "redis_server_binary",
+    "running_redis",
+]
 
 LOOPBACK = "127.0.0.1"
 
@@ -232,6 +241,14 @@ class RedisServer:
 
     def __repr__(self) -> str:
         return f"RedisServer(port={self.port}, running={self.running})"
+
+
+def closed_afterwards() -> Iterator[list[Any]]:
+    """A fixture's body: a list the test fills with stores, each closed after the test."""
+    made: list[Any] = []
+    yield made
+    for store in made:
+        store.close()
 
 
 def running_redis(*extra: str) -> Iterator[RedisServer]:

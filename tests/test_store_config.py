@@ -20,7 +20,7 @@ import redis
 
 from keypool import BreakerConfig, ConfigError, KeyPool
 from keypool.store import RedisStore, StoreUnavailable
-from tests.redis_server import RedisServer, free_port, redis_server_binary, running_redis
+from tests.redis_server import RedisServer, closed_afterwards, free_port, redis_server_binary, running_redis
 
 P = "p"
 PASSWORD = f"pw-{uuid.uuid4().hex[:12]}"
@@ -44,10 +44,7 @@ def tls_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def stores() -> Iterator[list[RedisStore]]:
-    made: list[RedisStore] = []
-    yield made
-    for store in made:
-        store.close()
+    yield from closed_afterwards()
 
 
 def pool_on(store: RedisStore, keys: list[str] | None = None) -> KeyPool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -458,19 +459,7 @@ def test_the_memory_store_tells_pools_of_changes_in_the_order_it_made_them() -> 
 
 # ---------------------------------------------------------------------- Python model == Lua script
 
-OPS: list[Op] = [
-    "failure",
-    "success",
-    "claim",
-    "renew",
-    "release",
-    "throttle",
-    "quarantine",
-    "trip",
-    "reset",
-    "merge",
-    "read",
-]
+OPS: list[Op] = list(typing.get_args(Op))
 TOKENS = ["", "t1", "t2", "t3"]
 
 

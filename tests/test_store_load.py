@@ -15,10 +15,6 @@ there are many half-open episodes in a few seconds).
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import os
-import signal
 import threading
 import time
 import traceback
@@ -33,6 +29,7 @@ import pytest
 import redis
 
 from keypool.testing import FakeUpstream, Fault, LoopbackServer
+from tests.process_fleet import Fleet
 from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.slow
@@ -120,7 +117,7 @@ def _worker(url: str, namespace: str, base_url: str, conn: Connection) -> None:
                 pool.trip(CHURN, key_id)
                 pool.reset(CHURN, key_id)
 
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", None))
     try:
         while True:
             command, arg = conn.recv()
@@ -190,65 +187,6 @@ class _Counting:
         await self.app(scope, receive, send)
 
 
-class Fleet:
-    """The processes, and a way to ask each of them something."""
-
-    def __init__(self, url: str, base_url: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.url = url
-        self.namespace = f"load{uuid.uuid4().hex[:8]}"
-        self.conns: list[Connection] = []
-        self.procs: list[Any] = []
-        self.pids: list[int] = []
-        for _ in range(PROCESSES):
-            mine, theirs = ctx.Pipe()
-            args = (url, self.namespace, base_url, theirs)
-            proc = ctx.Process(target=_worker, args=args, daemon=True)
-            proc.start()
-            self.conns.append(mine)
-            self.procs.append(proc)
-        for i in range(PROCESSES):
-            self.pids.append(self.receive(i, timeout=60))
-
-    def send(self, i: int, command: str, arg: Any = None) -> None:
-        self.conns[i].send((command, arg))
-
-    def receive(self, i: int, timeout: float = 30) -> Any:
-        if not self.conns[i].poll(timeout):
-            raise AssertionError(f"process {i} did not answer in {timeout} s")
-        status, value = self.conns[i].recv()
-        if status == "error":
-            raise AssertionError(f"process {i} failed:\n{value}")
-        return value
-
-    def ask(self, i: int, command: str, arg: Any = None) -> Any:
-        self.send(i, command, arg)
-        return self.receive(i)
-
-    def ask_all(self, command: str, arg: Any = None, who: list[int] | None = None) -> list[Any]:
-        who = list(range(PROCESSES)) if who is None else who
-        for i in who:
-            self.send(i, command, arg)
-        return [self.receive(i) for i in who]
-
-    def kill(self, i: int) -> None:
-        os.kill(self.pids[i], signal.SIGKILL)
-        self.procs[i].join(timeout=10)
-
-    def close(self) -> None:
-        for conn, proc in zip(self.conns, self.procs, strict=True):
-            if proc.is_alive():
-                with contextlib.suppress(OSError):
-                    conn.send(("stop", None))
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-        for conn in self.conns:
-            conn.close()
-
-
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     yield from running_redis()
@@ -266,7 +204,8 @@ def upstream() -> Iterator[tuple[_Counting, str]]:
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: RedisServer, upstream: tuple[_Counting, str]) -> Iterator[Fleet]:
-    group = Fleet(redis_server.url, upstream[1])
+    namespace = f"load{uuid.uuid4().hex[:8]}"
+    group = Fleet(PROCESSES, _worker, lambda _: (redis_server.url, namespace, upstream[1]), namespace)
     try:
         yield group
     finally:

@@ -17,7 +17,7 @@ import redis
 
 from keypool import BreakerConfig, KeyPool, classify_status
 from keypool.store import RedisStore
-from tests.redis_server import RedisServer, TcpProxy, running_redis
+from tests.redis_server import RedisServer, TcpProxy, closed_afterwards, running_redis
 
 P = "p"
 KEYS = [{"secret": f"sk-order-{i}", "key_id": f"k{i}"} for i in range(3)]
@@ -36,10 +36,7 @@ def proxy(server: RedisServer) -> Iterator[TcpProxy]:
 
 @pytest.fixture
 def stores() -> Iterator[list[RedisStore]]:
-    made: list[RedisStore] = []
-    yield made
-    for store in made:
-        store.close()
+    yield from closed_afterwards()
 
 
 def pool_on(stores: list[RedisStore], url: str, namespace: str) -> tuple[KeyPool, RedisStore]:

@@ -23,7 +23,7 @@ from keypool import BreakerConfig, KeyPool, classify_status
 from keypool.store import RedisStore
 from keypool.testing import FakeUpstream, Fault, LoopbackServer
 from providers import AsyncDeepSeek
-from tests.redis_server import RedisServer, free_port, redis_server_binary, running_redis
+from tests.redis_server import RedisServer, closed_afterwards, free_port, redis_server_binary, running_redis
 
 P = "deepseek"
 SECRETS = [f"sk-redis-{i}" for i in range(4)]
@@ -45,10 +45,7 @@ def upstream() -> Iterator[tuple[FakeUpstream, LoopbackServer]]:
 
 @pytest.fixture
 def stores() -> Iterator[list[RedisStore]]:
-    made: list[RedisStore] = []
-    yield made
-    for store in made:
-        store.close()
+    yield from closed_afterwards()
 
 
 def new_store(made: list[RedisStore], url: str, namespace: str, **options: Any) -> RedisStore:

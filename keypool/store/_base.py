@@ -12,7 +12,7 @@ from ._model import Op
 if TYPE_CHECKING:
     from .._pool import KeyPool
 
-__all__ = ["SharedStore", "SharedView", "StoreUnavailable"]
+__all__ = ["SharedStore", "SharedView", "StoreUnavailable", "view_of"]
 
 
 class StoreUnavailable(KeyPoolError):
@@ -32,6 +32,48 @@ class SharedView:
     successes: int
     version: int
     trials: tuple[tuple[str, float], ...] = ()  # (token, expires at): trial slots held everywhere
+
+
+class _StoreState(Protocol):
+    """A key's state as a store holds it: deadlines in store-clock milliseconds (0: none)."""
+
+    @property
+    def open(self) -> bool: ...
+    @property
+    def open_until(self) -> int: ...
+    @property
+    def throttled_until(self) -> int: ...
+    @property
+    def quarantine(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def successes(self) -> int: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def trials(self) -> tuple[tuple[str, int], ...]: ...
+
+
+def view_of(state: _StoreState, offset: float) -> SharedView:
+    """A store's state in a pool's clock: store milliseconds minus ``offset`` seconds."""
+
+    def local(ms: int) -> float:
+        return ms / 1000.0 - offset if ms else 0.0
+
+    return SharedView(
+        open=state.open,
+        open_until=local(state.open_until),
+        throttled_until=local(state.throttled_until),
+        quarantine=state.quarantine,
+        reason=state.reason,
+        failures=state.failures,
+        successes=state.successes,
+        version=state.version,
+        trials=tuple((token, local(at)) for token, at in state.trials),
+    )
 
 
 class SharedStore(Protocol):

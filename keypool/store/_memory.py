@@ -13,32 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock, MonotonicClock
 from .._config import BreakerConfig
-from ._base import SharedView
+from ._base import view_of
 from ._model import Op, SharedBreaker, apply
 
 if TYPE_CHECKING:
     from .._pool import KeyPool
 
-__all__ = ["MemoryStore", "view_of"]
-
-
-def view_of(state: SharedBreaker, to_local: float) -> SharedView:
-    """A store state in a pool's clock: store milliseconds minus ``to_local`` seconds."""
-
-    def local(ms: int) -> float:
-        return ms / 1000.0 - to_local if ms else 0.0
-
-    return SharedView(
-        open=state.open,
-        open_until=local(state.open_until),
-        throttled_until=local(state.throttled_until),
-        quarantine=state.quarantine,
-        reason=state.reason,
-        failures=state.failures,
-        successes=state.successes,
-        version=state.version,
-        trials=tuple((token, local(at)) for token, at in state.trials),
-    )
+__all__ = ["MemoryStore"]
 
 
 def _ms(seconds: float) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._config import BreakerConfig
-from ._base import SharedView
+from ._base import SharedView, view_of
 from ._model import Op
 
 __all__ = ["Change", "Local", "Wire", "argv", "escape", "local_for_merge", "state_keys", "text"]
@@ -121,8 +121,7 @@ class Wire:
     now: int = 0
 
     @classmethod
-    def from_reply(cls, reply: list[Any]) -> Wire:
-        s = reply
+    def _of(cls, s: list[Any], stamp: Any, trials: Any, epoch: Any, **call: Any) -> Wire:
         return cls(
             open=int(s[0]) == 1,
             open_until=int(float(s[1])),
@@ -132,30 +131,23 @@ class Wire:
             successes=int(s[5]),
             reason=text(s[7]),
             version=int(s[8]),
-            allowed=int(s[9]) == 1,
-            changed=int(s[10]) == 1,
-            now=int(s[11]),
-            epoch=text(s[12]),
-            stamp=int(float(s[13])),
-            trials=_pairs(s[14]),
+            stamp=int(float(stamp)),
+            trials=_pairs(trials),
+            epoch=text(epoch),
+            **call,
         )
 
     @classmethod
+    def from_reply(cls, reply: list[Any]) -> Wire:
+        """What the script returns: the state, then allowed, changed, now, epoch, stamp, slots."""
+        allowed, changed, now = int(reply[9]) == 1, int(reply[10]) == 1, int(reply[11])
+        return cls._of(reply, reply[13], reply[14], reply[12], allowed=allowed, changed=changed, now=now)
+
+    @classmethod
     def from_message(cls, data: dict[str, Any]) -> Wire:
-        s = list(data["s"])
-        return cls(
-            open=int(s[0]) == 1,
-            open_until=int(float(s[1])),
-            throttled_until=int(float(s[2])),
-            quarantine=text(s[3]),
-            failures=int(s[4]),
-            successes=int(s[5]),
-            reason=text(s[7]),
-            version=int(s[8]),
-            stamp=int(float(s[9])),
-            trials=_pairs(data.get("t")),
-            epoch=text(data.get("e")),
-        )
+        """What the script publishes: ``s`` (the state, then the stamp), ``t`` slots, ``e`` epoch."""
+        state = list(data["s"])
+        return cls._of(state, state[9], data.get("t"), data.get("e"))
 
     def signature(self, now: int) -> tuple[bool, int, int, str]:
         """The state a merge compares (a throttle that has passed is no throttle)."""
@@ -164,21 +156,7 @@ class Wire:
 
     def view(self, offset: float) -> SharedView:
         """In a pool's clock: store milliseconds minus ``offset`` seconds."""
-
-        def local(ms: int) -> float:
-            return ms / 1000.0 - offset if ms else 0.0
-
-        return SharedView(
-            open=self.open,
-            open_until=local(self.open_until),
-            throttled_until=local(self.throttled_until),
-            quarantine=self.quarantine,
-            reason=self.reason,
-            failures=self.failures,
-            successes=self.successes,
-            version=self.version,
-            trials=tuple((token, local(at)) for token, at in self.trials),
-        )
+        return view_of(self, offset)
 
 
 def local_for_merge(

@@ -142,6 +142,7 @@ class RequestPlan:
     retries_left: int = 0
     last_kind: OutcomeKind | None = None
     backoffs: int = 0
+    deadline_bound: bool = False  # the current attempt's reads end at the caller's deadline
 
     def __post_init__(self) -> None:
         self.retries_left = self.settings.retries
@@ -194,6 +195,9 @@ class RequestPlan:
         total = None if self.deadline is None else self.deadline - self.started
         headers = self.settings.headers_limit(self.stream, total)
         current = dict(timeout or {})
+        read = current.get("read")
+        # A timeout of this attempt is then the caller's own deadline, not a silent key.
+        self.deadline_bound = left is not None and all(b is None or left <= b for b in (headers, read))
         out: dict[str, float | None] = {}
         for name in ("connect", "read", "write", "pool"):
             value = current.get(name)

@@ -142,7 +142,7 @@ class _Base:
     def _judge(self, lease: Lease, plan: RequestPlan, outcome: Outcome) -> bool:
         """Record a non-success outcome; True if the request should move to another key."""
         now = self.pool.clock.now()
-        if outcome.kind is OutcomeKind.FAILURE and plan.expired(now) and "Timeout" in outcome.detail:
+        if outcome.kind is OutcomeKind.FAILURE and "Timeout" in outcome.detail and plan.deadline_bound:
             outcome = IGNORED  # the caller's own deadline ran out: not the key's fault
         lease.record(outcome)
         healthy = outcome.kind is OutcomeKind.FAILURE and self.pool.healthy_elsewhere(

@@ -27,7 +27,7 @@ from keypool import (
     SyncKeyPoolTransport,
     request_budget,
 )
-from keypool.testing import FakeClock
+from keypool.testing import FakeClock, FakeUpstream, Fault, LoopbackServer
 
 P = "p"
 BASE = "http://upstream.test/v1"
@@ -923,3 +923,124 @@ async def test_ndjson_streams_are_streamed_not_buffered(clock: FakeClock) -> Non
             assert await lines.__anext__() == '{"token": 0}'  # before the rest was sent
         released.set()
         assert [line async for line in lines] == ['{"token": 1}']
+
+
+# ---------------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        ("POST", lambda r: httpx2.Response(204)),
+        ("POST", lambda r: httpx2.Response(202, headers={"content-type": "application/json"})),
+        (
+            "POST",
+            lambda r: httpx2.Response(
+                200, headers={"content-type": "application/json", "content-length": "0"}
+            ),
+        ),
+        ("HEAD", lambda r: httpx2.Response(200, headers={"content-type": "application/json"})),
+    ],
+    ids=["204", "202-json-empty", "content-length-0", "head"],
+)
+async def test_a_2xx_that_needs_no_body_is_a_success(clock: FakeClock, method: str, answer: Handler) -> None:
+    pool = make_pool(clock, 2)
+    sent: list[str] = []
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.headers["authorization"])
+        return answer(request)  # type: ignore[no-any-return]
+
+    transport = KeyPoolTransport(pool, P, transport=httpx2.MockTransport(upstream))
+    async with httpx2.AsyncClient(transport=transport) as http:
+        response = await http.request(method, f"{BASE}/mcp")
+    assert 200 <= response.status_code < 300
+    assert len(sent) == 1  # not retried on the other key
+    assert [row["total_successes"] for row in pool.stats()].count(1) == 1
+    assert all(row["failure_count"] == 0 for row in pool.stats())
+
+
+class _OddStream:
+    """A body that is neither an httpx2 byte stream kind this transport watches."""
+
+    def __iter__(self) -> Any:
+        yield b"{}"
+
+
+@pytest.mark.anyio
+async def test_a_body_that_is_not_an_async_byte_stream_leaks_no_lease(clock: FakeClock) -> None:
+    pool = make_pool(clock, 1)
+
+    class Odd(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            return httpx2.Response(200, stream=_OddStream())  # type: ignore[arg-type]
+
+    transport = KeyPoolTransport(pool, P, transport=Odd())
+    response = await transport.handle_async_request(httpx2.Request("GET", f"{BASE}/models"))
+    assert response.status_code == 200
+    assert pool.capacity(P).in_flight == 0
+    assert pool.stats()[0]["total_successes"] == 1
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_in_one_budget_never_overspend_it(clock: FakeClock) -> None:
+    pool = make_pool(clock, 8)
+    upstream = Upstream(8)
+    upstream.default = status(503)
+    async with async_openai(pool, upstream) as client:
+        with request_budget(attempts=5, clock=clock) as budget:
+
+            async def one() -> None:
+                with pytest.raises((openai.APIError, NoKeyAvailable)):
+                    await client.models.list()
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(one)
+    assert sum(upstream.calls.values()) == 5
+    assert budget.attempts_left == 0
+    assert budget.attempts_used == 5
+
+
+@pytest.mark.anyio
+async def test_a_replayable_multipart_body_is_sent_again_byte_for_byte(clock: FakeClock) -> None:
+    pool = make_pool(clock, 2)
+    bodies: list[bytes] = []
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        bodies.append(request.read())
+        return httpx2.Response(503 if len(bodies) == 1 else 200, json={"id": "file-1"})
+
+    transport = KeyPoolTransport(pool, P, transport=httpx2.MockTransport(upstream))
+    async with httpx2.AsyncClient(transport=transport) as http:
+        response = await http.post(
+            f"{BASE}/files", files={"file": ("a.txt", b"hello world")}, data={"purpose": "x"}
+        )
+    assert response.status_code == 200
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+    assert b"hello world" in bodies[1]
+
+
+@pytest.mark.anyio
+async def test_a_timeout_at_the_callers_own_deadline_counts_against_no_key() -> None:
+    secret = secret_of("k0")
+    upstream = FakeUpstream([secret])
+    upstream.set_fault(secret, Fault.hang())
+    pool = KeyPool({"providers": [{"name": P, "keys": [{"secret": secret, "key_id": "k0"}]}]})
+    with LoopbackServer(upstream, shutdown_timeout=0.2) as server:
+        transport = KeyPoolTransport(pool, P)
+        timeout = dict.fromkeys(("connect", "read", "write", "pool"), 0.3)
+        request = httpx2.Request(
+            "GET",
+            f"{server.base_url}/models",
+            extensions={"keypool": {"settings": CallSettings(headers_timeout=None)}, "timeout": timeout},
+        )
+        with pytest.raises(httpx2.ReadTimeout):
+            await transport.handle_async_request(request)
+        await transport.aclose()
+    row = pool.stats()[0]
+    # The caller's 0.3 s ran out while a key worked on it (no time-to-headers limit of its own
+    # came first): nobody's failure.
+    assert (row["failure_count"], row["total_failures"], row["in_flight"]) == (0, 0, 0)

@@ -320,6 +320,24 @@ def _in_service(rig: Rig, key_id: str) -> bool:
 # -- load shedding --------------------------------------------------------------------------------
 
 
+async def test_idle_quarantined_backups_do_not_shed_low_priority_calls() -> None:
+    upstream = FakeUpstream(["sk-idle-p1-xxxx", "sk-idle-p2-xxxx"], flavor="deepseek")
+    client = AsyncDeepSeek(
+        api_keys=["sk-idle-p1-xxxx", "sk-idle-p2-xxxx"],
+        backup_keys=["sk-idle-b1-xxxx", "sk-idle-b2-xxxx", "sk-idle-b3-xxxx"],
+        base_url="http://deepseek.test",
+        transport=httpx2.ASGITransport(app=upstream),
+    )
+    for row in client.pool.stats():
+        if row["tier"] == "backup":
+            client.pool.quarantine(row["key_id"])
+    agent = UnifiedAgent([ChatRoute(client)])
+    assert agent.healthy_share() == 1.0  # the two serving primaries are healthy: 2/2, not 2/5
+    answer = await agent.chat(model="deepseek-chat", messages=messages(), priority="low")
+    assert answer.provider == "deepseek"
+    await client.close()
+
+
 async def test_low_priority_is_shed_at_once_when_capacity_is_critical(rig: Rig) -> None:
     agent = rig.agent()
     rig.trip("ds-1", "ds-2", "px-1", "px-2")  # 2 of 6 keys closed: healthy share 1/3

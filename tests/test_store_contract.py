@@ -240,6 +240,40 @@ def test_half_open_trials_across_pools_never_exceed_the_limit(env: Env) -> None:
         got.release()
 
 
+def test_a_pool_that_knows_every_slot_is_taken_elsewhere_asks_the_store_nothing(env: Env) -> None:
+    """Other pools' trials are published: a request that ends on a healthy key pays no claim."""
+    a, b = env.pool(), env.pool()
+    k = key(a)
+    trip_and_wait_half_open(env, a, b, k)
+    held = [lease(a, k) for _ in range(env.config.half_open_max_calls)]
+    env.eventually(lambda: b.key_stats(k, P)["trials_in_flight"] == env.config.half_open_max_calls)
+    asked: list[str] = []
+    store = b._store
+    assert store is not None
+    claim = store.claim
+
+    def counting(provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
+        asked.append(key_id)
+        return claim(provider, key_id, token, config)
+
+    store.claim = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(40):
+            with b.try_acquire(P) as got:
+                assert got.key_id != k
+        assert b.try_acquire_key(P, k) is None
+        assert asked == []
+    finally:
+        store.claim = claim  # type: ignore[method-assign]
+    for got in held:
+        got.release()
+    env.eventually(lambda: b.key_stats(k, P)["trials_in_flight"] == 0)
+    again = b.try_acquire_key(P, k)  # free again, for b too
+    assert again is not None
+    assert again.trial
+    again.release()
+
+
 def test_trial_successes_close_the_key_everywhere(env: Env) -> None:
     a, b = env.pool(), env.pool()
     k = key(a)

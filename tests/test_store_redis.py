@@ -19,7 +19,7 @@ import openai
 import pytest
 import redis
 
-from keypool import BreakerConfig, KeyPool, classify_status
+from keypool import BreakerConfig, KeyPool, MonotonicClock, classify_status
 from keypool.store import RedisStore
 from keypool.testing import FakeUpstream, Fault, LoopbackServer
 from providers import AsyncDeepSeek
@@ -417,3 +417,37 @@ def test_closing_the_store_stops_its_thread(server: RedisServer) -> None:
     assert lease is not None
     lease.failure("503")
     pool.reset(P)
+
+
+# ---------------------------------------------------------------------- clocks
+
+
+class SteppedClock(MonotonicClock):
+    """The monotonic clock plus a step the test sets (a clock that jumped)."""
+
+    def __init__(self) -> None:
+        self.step = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.step
+
+
+def test_a_clock_step_is_noticed_at_the_next_measurement(
+    server: RedisServer, stores: list[RedisStore]
+) -> None:
+    """Deadlines cross processes on Redis's clock; a pool's clock that jumps would skew them all
+    until the offset is measured again (every ``clock_interval``), not just at the next outage."""
+    ns = f"clk{uuid.uuid4().hex[:6]}"
+    clock = SteppedClock()
+    a_store = new_store(stores, server.url, ns, clock_interval=0.2)
+    b_store = new_store(stores, server.url, ns)
+    cfg = BreakerConfig(jitter=0.0, timeout=60).model_dump()
+    a = KeyPool({"providers": [{"name": P, "keys": KEYS, "breaker": cfg}]}, store=a_store, clock=clock)
+    b = new_pool(b_store, timeout=60)
+    clock.step = 3600.0  # a's clock jumps an hour ahead
+    time.sleep(0.6)  # a few measurements later
+    b.trip(P, "k0")
+    wait_for(lambda: state(a, "k0") == "open")
+    until = a._key(P, "k0").breaker.tripped_until()
+    assert until is not None
+    assert until - clock.now() == pytest.approx(60, abs=1)  # an hour off without the measurement

@@ -36,6 +36,7 @@ from ._outcome import Outcome, OutcomeKind
 from ._selection import pick
 from ._waiting import Plan, Waiter, soonest_timer, wait_async, wait_sync
 from ._waiting import plan as plan_for
+from .store import _admin as admin
 from .store._base import SharedStore, SharedView
 from .store._model import Op
 
@@ -44,6 +45,7 @@ __all__ = ["Capacity", "CapacityStatus", "KeyPool", "Lease", "TierCapacity"]
 log = logging.getLogger("keypool")
 
 _BUSY_POLL = 0.005  # seconds between looks while a trial slot is held by another process
+_TRIP_REASONS = (OpenReason.FAILURES, OpenReason.TRIAL_FAILED)  # what a shared store calls a trip
 
 
 class KeyPool:
@@ -129,8 +131,13 @@ class KeyPool:
             self._store.bind(self)  # share the new keys too
 
     def add_key(self, provider: str, key: KeySpec | str) -> str:
-        """Add a key at run time; returns its id."""
+        """Add a key at run time; returns its id. With a shared store, every pool adds it."""
         spec = key if isinstance(key, KeySpec) else KeySpec(secret=SecretStr(key))
+        key_id = self._add_key_now(provider, spec)
+        self._share_admin(admin.key_added_entry(provider, spec))
+        return key_id
+
+    def _add_key_now(self, provider: str, spec: KeySpec) -> str:
         events: list[PoolEvent] = []
         with self._lock:
             prov = self._provider(provider)
@@ -143,7 +150,11 @@ class KeyPool:
         return spec.id
 
     def remove_key(self, provider: str, key_id: str) -> None:
-        """Stop routing to a key. Calls already holding it finish normally."""
+        """Stop routing to a key (in every pool sharing a store). Calls holding it finish normally."""
+        self._remove_key_now(provider, key_id)
+        self._share_admin(admin.key_removed_entry(provider, key_id))
+
+    def _remove_key_now(self, provider: str, key_id: str) -> None:
         events: list[PoolEvent] = []
         with self._lock:
             key = self._key(provider, key_id)
@@ -559,6 +570,15 @@ class KeyPool:
             config.recheck_after,
         )
 
+    def _share_admin(self, entry: dict[str, Any]) -> None:
+        if self._store is not None:
+            self._store.share_admin(self, entry)
+
+    def apply_admin(self, entry: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Apply an operator's change another pool made (a shared store replays them in order);
+        the (provider, key id) of a key it added, if any."""
+        return admin.apply(self, entry)
+
     def adopt_shared(self, provider: str, key_id: str, view: SharedView) -> None:
         """Take on a key's state as a shared store reports it (other pools' decisions)."""
         events: list[PoolEvent] = []
@@ -568,6 +588,7 @@ class KeyPool:
                 return
             key = prov.keys[key_id]
             key.shared_failures = view.failures
+            mine = f"{self._instance}:"
             key.breaker.adopt(
                 open_=view.open,
                 open_until=view.open_until,
@@ -576,6 +597,8 @@ class KeyPool:
                 reason=OpenReason(view.reason) if view.reason else None,
                 failures=view.failures,
                 successes=view.successes,
+                # Trials other pools run: this pool then claims only slots that look free.
+                foreign_trials=[at for token, at in view.trials if not token.startswith(mine)],
             )
             now = self._now()
             key.refresh(now, events)
@@ -593,6 +616,7 @@ class KeyPool:
                 for key in prov.keys.values():
                     b = key.breaker
                     tripped = b.tripped_until()
+                    why = b.open_reason if tripped is not None and not b.quarantined else None
                     rows.append(
                         (
                             prov.name,
@@ -602,7 +626,7 @@ class KeyPool:
                                 open_until=tripped or 0.0,
                                 throttled_until=b.throttled_until if b.throttled_until > now else 0.0,
                                 quarantine=b.quarantine_reason or "",
-                                reason="",
+                                reason=why.value if why in _TRIP_REASONS else "",
                                 failures=b.failure_count,
                                 successes=0,
                                 version=0,
@@ -775,14 +799,22 @@ class KeyPool:
         provider: str | None = None,
         key_id: str | None = None,
     ) -> int:
-        """Change breaker settings hot, keeping every breaker's state.
+        """Change breaker settings hot, keeping every breaker's state (in every pool sharing a
+        store, and in pools that start later).
 
         All target keys are validated first; if any change is invalid nothing changes. A global or
         per-provider change keeps per-key overrides' own fields.
         """
-        keys = self._select(provider, key_id)
         if isinstance(changes, BreakerConfig):
             changes = changes.model_dump()
+        count = self._update_config(changes, provider=provider, key_id=key_id)
+        self._share_admin(admin.config_entry(changes, provider, key_id))
+        return count
+
+    def _update_config(
+        self, changes: Mapping[str, Any], *, provider: str | None = None, key_id: str | None = None
+    ) -> int:
+        keys = self._select(provider, key_id)
         planned = {id(k): k.breaker.config.updated(changes) for k in keys}  # validates all first
         with self._lock:
             provs: list[ProviderState] = []
@@ -795,7 +827,12 @@ class KeyPool:
         return self._mutate(keys, lambda k: k.breaker.update_config(planned[id(k)]))
 
     def activate_backup(self, provider: str, active: bool | None = True) -> None:
-        """Force the backup tier on (``True``) or off (``False``), or back to automatic (``None``)."""
+        """Force the backup tier on (``True``) or off (``False``), or back to automatic (``None``),
+        in every pool sharing a store."""
+        self._activate_backup(provider, active)
+        self._share_admin(admin.backup_entry(provider, active))
+
+    def _activate_backup(self, provider: str, active: bool | None) -> None:
         events: list[PoolEvent] = []
         with self._lock:
             prov = self._provider(provider)

@@ -184,6 +184,11 @@ class CircuitBreaker:
         return self._config
 
     @property
+    def generation(self) -> int:
+        """Bumped by every change of state: a permit from an older generation moves nothing."""
+        return self._generation
+
+    @property
     def failure_count(self) -> int:
         """Consecutive failures counted in the current CLOSED period."""
         return self._failures

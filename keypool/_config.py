@@ -48,7 +48,7 @@ def fingerprint(secret: str, prefix: str = "key") -> str:
 
 
 # Fields whose string values are labels, safe to echo back in an error message.
-_ECHOED_STRING_FIELDS = frozenset({"key_id", "name", "tier"})
+_ECHOED_STRING_FIELDS = frozenset({"key_id", "name", "tier", "account"})
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -164,6 +164,11 @@ class KeySpec(_Model):
     weight: float = Field(1.0, gt=0, le=1_000_000)
     tier: Tier = "primary"
     max_concurrency: int | None = Field(None, ge=1, le=1_000_000)
+    account: str | None = Field(
+        None,
+        pattern=KEY_ID_PATTERN,
+        description="keys of one account share its limits: a 429 benches them all",
+    )
 
     @field_validator("secret")
     @classmethod
@@ -206,6 +211,11 @@ class ProviderConfig(_Model):
         le=86_400.0,
         description="every key refused (401/403/402) within this many seconds is a provider "
         "incident: the keys are re-verified on a backoff schedule instead of staying quarantined",
+    )
+    shared_endpoint: bool = Field(
+        True,
+        description="the keys call one endpoint, so endpoint failures (5xx, timeouts) across keys "
+        "are seen as one outage of the provider; False where each key is its own endpoint (MCP replicas)",
     )
     recheck_after: float = Field(
         30.0,

@@ -21,6 +21,7 @@ __all__ = [
     "Hook",
     "KeyStateChanged",
     "PoolEvent",
+    "ProviderStateChanged",
 ]
 
 
@@ -30,6 +31,17 @@ class KeyStateChanged:
 
     provider: str
     key_id: str
+    old: BreakerState
+    new: BreakerState
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderStateChanged:
+    """The provider's own breaker (its endpoint, across keys) changed state."""
+
+    provider: str
     old: BreakerState
     new: BreakerState
     reason: str
@@ -82,7 +94,7 @@ class BackupTierChanged:
     reason: str
 
 
-PoolEvent = KeyStateChanged | CallRecorded | CallRejected | BackupTierChanged
+PoolEvent = KeyStateChanged | ProviderStateChanged | CallRecorded | CallRejected | BackupTierChanged
 
 
 class Hook(Protocol):

@@ -16,6 +16,7 @@ from ._breaker import BreakerState, CircuitBreaker
 from ._capacity import TierCapacity
 from ._config import KeySpec, ProviderConfig, Tier
 from ._events import BackupTierChanged, KeyStateChanged, PoolEvent
+from ._provider_health import ProviderHealth
 from ._sampler import WeightedSampler
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class KeyState:
         self.quarantined_at = 0.0  # when the key was last counted as quarantined
         self.index = self.tier.sampler.append(0)
         self.tier.keys.append(self)
+        if spec.account is not None:
+            provider.accounts.setdefault(spec.account, []).append(self)
         self.tier.counts["closed"] += 1
 
     def category_at(self, now: float) -> str:
@@ -233,14 +236,17 @@ class TierState:
 
 class ProviderState:
     __slots__ = (
+        "accounts",
         "backup_active",
         "backup_forced",
         "config",
+        "health",
         "heap",
         "keys",
         "name",
         "replan",
         "tiers",
+        "tripped",
         "waiters",
         "waiting",
     )
@@ -253,6 +259,11 @@ class ProviderState:
         self.heap: list[tuple[float, int, KeyState]] = []
         self.backup_forced: bool | None = None
         self.backup_active = False
+        self.accounts: dict[str, list[KeyState]] = {}  # keys by the account they belong to
+        self.health: ProviderHealth = ProviderHealth(
+            config.breaker, clock=lambda: 0.0, rng=lambda: 0.0, enabled=False
+        )  # replaced by the pool, which owns the clock
+        self.tripped: list[str] = []  # keys a provider-wide trip opened, for the store (lock held)
         self.waiters: deque[Waiter] = deque()  # callers queued for a key, first come first served
         self.waiting = 0  # callers in the queue now (the queue may still hold some that left)
         self.replan = False  # a key the waiters counted on stopped being busy without serving

@@ -26,13 +26,16 @@ class Lease:
     :meth:`record` inside the block wins over both.
     """
 
-    __slots__ = ("_done", "_permit", "_pool", "_started", "key", "provider")
+    __slots__ = ("_done", "_health", "_permit", "_pool", "_started", "key", "provider")
 
-    def __init__(self, pool: Leasing, key: KeyState, permit: Permit, started: float) -> None:
+    def __init__(
+        self, pool: Leasing, key: KeyState, permit: Permit, started: float, health: Permit | None = None
+    ) -> None:
         self._pool = pool
         self.key = key
         self.provider = key.provider.name
         self._permit = permit
+        self._health = health  # the provider's own permit (its endpoint view), if it took one
         self._started = started
         self._done = False
 

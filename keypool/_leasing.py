@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from ._breaker import OpenReason, Permit
+from ._breaker import BreakerState, OpenReason, Permit
 from ._clock import Clock
 from ._errors import ConfigError, NoKeyAvailable
-from ._events import CallRecorded, CallRejected, PoolEvent
+from ._events import CallRecorded, CallRejected, PoolEvent, ProviderStateChanged
 from ._keys import KeyState, ProviderState
 from ._lease import Lease
 from ._outcome import Outcome, OutcomeKind
@@ -204,13 +204,17 @@ class Leasing:
     def _lease_from(
         self, prov: ProviderState, now: float, exclude: frozenset[str], events: list[PoolEvent]
     ) -> Lease | None:
-        """Pick a key and take a permit from its breaker (lock held)."""
+        """Pick a key and take a permit from its breaker and from the provider's (lock held)."""
         for _ in range(4):
             key = pick(prov, exclude, self._rng)
             if key is None:
                 return None
+            health = prov.health.admit()
+            if health is None:  # the provider is out, or its trial calls are all running
+                return None
             permit = key.breaker.try_acquire()
             if permit is None:  # out of step with the sampler: fix it and draw again
+                prov.health.record(health, OutcomeKind.IGNORED, key.id, 0)
                 key.refresh(now, events)
                 continue
             key.in_flight += 1
@@ -218,7 +222,7 @@ class Leasing:
             if not key.proven and key.probation_until is None:
                 key.probation_until = now + prov.config.probation
             key.refresh(now, events)
-            return Lease(self, key, permit, now)
+            return Lease(self, key, permit, now, health)
         return None
 
     def _settle(self, prov: ProviderState, now: float, events: list[PoolEvent]) -> None:
@@ -311,6 +315,8 @@ class Leasing:
         a failure elsewhere then looks like that key's own, not the provider's."""
         with self._lock:
             prov = self._provider(provider)
+            if prov.health.enabled and prov.health.state is not BreakerState.CLOSED:
+                return False  # the provider itself is out or probing: nothing is key-local now
             tiers = prov.serving_tiers()
             clean = sum(t.counts["closed"] - t.failing for t in tiers)
             for key_id in exclude:
@@ -334,6 +340,7 @@ class Leasing:
             breaker = key.breaker
             kind = outcome.kind
             token = f"{self._instance}:{permit.token}" if permit.trial else ""
+            benched: list[KeyState] = []
             share: tuple[Op, int, str] | None = ("release", 0, "") if permit.trial else None
             if kind is OutcomeKind.SUCCESS:
                 key.proven = True
@@ -346,6 +353,7 @@ class Leasing:
             elif kind is OutcomeKind.THROTTLED:
                 until = breaker.throttle(outcome.retry_after, permit)
                 share = ("throttle", max(0, round((until - now) * 1000)), "")
+                benched = self._bench_account(key, until, now, events)
             elif kind is OutcomeKind.REJECTED:
                 key.rejected_status = outcome.status or 401
                 breaker.quarantine(OpenReason.REJECTED, permit)
@@ -360,18 +368,60 @@ class Leasing:
             key.tier.in_flight -= 1
             key.refresh(now, events)
             prov = key.provider
+            if lease._health is not None and prov.health.record(lease._health, kind, key.id, len(prov.keys)):
+                self._provider_changed(prov, now, events)
             if kind in (OutcomeKind.REJECTED, OutcomeKind.EXHAUSTED):
                 self._check_incident(prov, now, events)
             prov.update_backup(events)
             if prov.waiters:
                 self._serve(prov, now, events)
+            tripped, prov.tripped = prov.tripped, []
         events.append(
             CallRecorded(lease.provider, key.id, outcome.kind, outcome.status, now - started, permit.trial)
         )
         if self._store is not None and share is not None:
             op, arg, reason = share
             self._store.submit(lease.provider, key.id, op, config, token=token, arg=arg, reason=reason)
+            for sibling in benched:  # the account's other keys, benched until the same instant
+                self._store.submit(lease.provider, sibling.id, "throttle", sibling.breaker.config, arg=arg)
+        if self._store is not None and tripped:  # a provider-wide trip, shared like an operator's
+            for key_id in tripped:
+                self._store.submit(lease.provider, key_id, "trip", config)
         self._emit(events)
+
+    def _bench_account(
+        self, key: KeyState, until: float, now: float, events: list[PoolEvent]
+    ) -> list[KeyState]:
+        """A 429 on a key that shares an account benches every key of the account until the same
+        instant: the limit is the account's, not the key's (lock held)."""
+        account = key.spec.account
+        if account is None or until <= now:
+            return []
+        siblings = [k for k in key.provider.accounts.get(account, ()) if k is not key and not k.removed]
+        for sibling in siblings:
+            sibling.breaker.throttle(until - now)
+            sibling.refresh(now, events)
+        return siblings
+
+    def _provider_changed(self, prov: ProviderState, now: float, events: list[PoolEvent]) -> None:
+        """The provider's own breaker moved: tell observers, and the queue to think again."""
+        state = prov.health.state
+        for t in prov.health.breaker.drain_transitions():
+            events.append(ProviderStateChanged(prov.name, t.old, t.new, t.reason, t.at))
+        prov.replan = True
+        if state is BreakerState.OPEN:
+            # A provider-wide outage opens every key at once, so the pool, its metrics and the
+            # alerts all say so; trial calls stay bounded by the provider's own breaker.
+            for key in prov.keys.values():
+                if key.category == "closed" and not key.removed:
+                    key.breaker.force_open()
+                    key.refresh(now, events)
+                    prov.tripped.append(key.id)
+            log.warning(
+                "keypool provider=%s: endpoint failures across its keys: the provider is out; no key of "
+                "it is tried until its trial calls succeed",
+                prov.name,
+            )
 
     def _check_incident(self, prov: ProviderState, now: float, events: list[PoolEvent]) -> None:
         """Every key refused (401/403/402) within ``incident_window``: a provider incident (an auth

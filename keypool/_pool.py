@@ -30,6 +30,7 @@ from ._events import Hook, KeyStateChanged, PoolEvent
 from ._keys import KeyState, ProviderState
 from ._lease import Lease
 from ._leasing import Leasing
+from ._provider_health import ProviderHealth
 from ._waiting import soonest_timer
 from .store import _admin as admin
 from .store._base import SharedStore, SharedView
@@ -118,6 +119,9 @@ class KeyPool(Leasing):
             if cfg.name in self._providers:
                 raise ConfigError(f"provider {cfg.name!r} already exists")
             prov = ProviderState(cfg)
+            prov.health = ProviderHealth(
+                cfg.breaker, clock=self._now, rng=self._rng.random, enabled=cfg.shared_endpoint
+            )
             self._providers[cfg.name] = prov
             for spec in cfg.keys:
                 self._add_key(prov, spec)
@@ -168,6 +172,17 @@ class KeyPool(Leasing):
         key = KeyState(prov, spec, breaker)
         prov.keys[key.id] = key
         key.refresh(self._now(), [])
+
+    def set_shared_endpoint(self, provider: str, shared: bool) -> None:
+        """Whether the provider's keys call one endpoint (``ProviderConfig.shared_endpoint``): if
+        so, endpoint failures across keys are seen as one outage of the provider. A client whose
+        keys are separate endpoints (MCP replicas) turns it off."""
+        with self._lock:
+            prov = self._provider(provider)
+            prov.config = prov.config.model_copy(update={"shared_endpoint": shared})
+            prov.health.enabled = shared
+            if not shared:
+                prov.health.reset()
 
     def key_count(self, provider: str) -> int:
         """How many keys a provider has (O(1))."""
@@ -426,6 +441,7 @@ class KeyPool(Leasing):
         def reset(key: KeyState) -> None:
             key.breaker.reset()
             key.proven, key.probation_until = False, None  # a rotated key proves itself again
+            key.provider.health.reset()  # the provider's own view starts again with its keys
 
         return self._mutate(self._select(provider, key_id), reset, ("reset", ""))
 
@@ -473,6 +489,7 @@ class KeyPool(Leasing):
             defaults = [(prov, prov.config.breaker.updated(changes)) for prov in provs]
             for prov, breaker in defaults:
                 prov.config = prov.config.model_copy(update={"breaker": breaker})
+                prov.health.update_config(breaker)  # the provider's own view follows its defaults
         return self._mutate(keys, lambda k: k.breaker.update_config(planned[id(k)]))
 
     def activate_backup(self, provider: str, active: bool | None = True) -> None:

@@ -177,20 +177,38 @@ def plan(
     contested: bool = False,
 ) -> Plan:
     """Busy or down, and what follows for the caller (no key could be leased just now)."""
+    health = prov.health
+    if health.enabled and not health.breaker.can_admit(now):
+        # The provider itself is out: its trial calls are all running (busy), or its own timer
+        # decides when any key is tried again (down).
+        if health.trial_slots_full(now):
+            return _busy(now, deadline, health.admits_at(now))
+        at = health.admits_at(now)
+        assert at is not None  # a provider's breaker is never quarantined
+        return _timed(now, at, deadline, max_wait, "open")
     timer = soonest_timer(prov, exclude)
     busy = contested or busy_count(prov, exclude) > 0
     if busy:
-        if deadline is not None and now >= deadline:
-            retry = 0.0 if timer is None else max(0.0, timer[0] - now)
-            return Plan(False, reason="busy", retry_after=retry)
-        until = deadline
-        if timer is not None and (until is None or timer[0] < until):
-            until = timer[0]
-        return Plan(True, until=until, timer=False)
+        return _busy(now, deadline, None if timer is None else timer[0])
     if timer is not None:
         at, key = timer
-        wait = max(0.0, at - now)
-        if wait <= max_wait and (deadline is None or at <= deadline):
-            return Plan(True, until=at, timer=True)
-        return Plan(False, reason=key.refusal_kind(now), retry_after=wait)
+        return _timed(now, at, deadline, max_wait, key.refusal_kind(now))
     return Plan(False, reason=_down_reason(prov), retry_after=None)
+
+
+def _busy(now: float, deadline: float | None, timer: float | None) -> Plan:
+    """Wait in the queue until a key is handed over, the deadline, or ``timer`` (if sooner)."""
+    if deadline is not None and now >= deadline:
+        return Plan(False, reason="busy", retry_after=0.0 if timer is None else max(0.0, timer - now))
+    until = deadline
+    if timer is not None and (until is None or timer < until):
+        until = timer
+    return Plan(True, until=until, timer=False)
+
+
+def _timed(now: float, at: float, deadline: float | None, max_wait: float, reason: str) -> Plan:
+    """Down until ``at``: wait for it if it is within ``max_wait`` and the deadline, else refuse."""
+    wait = max(0.0, at - now)
+    if wait <= max_wait and (deadline is None or at <= deadline):
+        return Plan(True, until=at, timer=True)
+    return Plan(False, reason=reason, retry_after=wait)

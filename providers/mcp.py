@@ -211,6 +211,7 @@ class MCPClient:
             pool = KeyPool(clock=clock)
         if name not in pool.providers:
             pool.add_provider({"name": name, "keys": keys, "breaker": breaker or BreakerConfig()})
+        pool.set_shared_endpoint(name, False)  # each replica is an endpoint: its failures are its own
         self.pool = pool
         self._owns_transport = transport is None  # a transport you pass is yours to close
         self._transport = ObservingTransport(transport or httpx2.AsyncHTTPTransport())

@@ -203,6 +203,7 @@ async def test_mixed_stress_keeps_every_invariant() -> None:
                         "half_open_max_calls": 2,
                         "probe_timeout": 5,
                     },
+                    "shared_endpoint": False,  # the keys' own invariants; the provider's have their own tests
                 }
             ]
         },

@@ -107,9 +107,12 @@ class Recorder:
         return [e for e in self.events if isinstance(e, CallRecorded)]
 
 
-def make_pool(clock: FakeClock, n_keys: int = 2, seed: int = 0, hooks: tuple[Any, ...] = ()) -> KeyPool:
+def make_pool(
+    clock: FakeClock, n_keys: int = 2, seed: int = 0, hooks: tuple[Any, ...] = (), *, shared: bool = True
+) -> KeyPool:
     keys = [{"secret": secret_of(f"k{i}"), "key_id": f"k{i}"} for i in range(n_keys)]
-    return KeyPool({"providers": [{"name": P, "keys": keys}]}, clock=clock, seed=seed, hooks=hooks)
+    config = {"providers": [{"name": P, "keys": keys, "shared_endpoint": shared}]}
+    return KeyPool(config, clock=clock, seed=seed, hooks=hooks)
 
 
 @asynccontextmanager
@@ -349,7 +352,7 @@ def test_sync_bad_request_is_not_retried(clock: FakeClock) -> None:
 
 @pytest.mark.anyio
 async def test_a_failure_beside_clean_keys_is_free_then_max_retries_bound_the_rest(clock: FakeClock) -> None:
-    pool = make_pool(clock, 4, seed=5)
+    pool = make_pool(clock, 4, seed=5, shared=False)  # per-key view only: see the provider's below
     upstream = Upstream(4)
     upstream.default = status(503)
     async with async_openai(pool, upstream) as client:
@@ -365,10 +368,32 @@ async def test_a_failure_beside_clean_keys_is_free_then_max_retries_bound_the_re
 
 
 @pytest.mark.anyio
+async def test_a_provider_wide_outage_is_seen_after_failure_threshold_failures_in_total(
+    clock: FakeClock,
+) -> None:
+    pool = make_pool(clock, 6, seed=5)
+    upstream = Upstream(6)
+    upstream.default = status(503)
+    async with async_openai(pool, upstream, settings=CallSettings(retries=10)) as client:
+        with pytest.raises(openai.InternalServerError) as first:
+            await client.models.list(extra_headers={"x-test-request": "one"})
+        # Five failures across the keys (not five per key: thirty) and the provider is out ...
+        assert len(upstream.per_request["one"]) == 5
+        assert first.value.status_code == 503
+        with pytest.raises(NoKeyAvailable) as refused:  # raised as openai's 503 by the pooled clients
+            await client.models.list(extra_headers={"x-test-request": "two"})
+    # ... so the next call is refused at once, and every key says so.
+    assert upstream.per_request["two"] == []
+    assert refused.value.reason == "open"
+    assert {row["state"] for row in pool.stats()} == {"open"}
+    assert pool.capacity(P).status == "down"
+
+
+@pytest.mark.anyio
 async def test_a_key_is_tried_again_only_when_no_other_can_serve_after_openais_backoff(
     clock: FakeClock,
 ) -> None:
-    pool = make_pool(clock, 2, seed=5)
+    pool = make_pool(clock, 2, seed=5, shared=False)
     upstream = Upstream(2)
     upstream.default = status(503)
     settings = CallSettings(retries=4)
@@ -398,7 +423,7 @@ async def test_key_scope_failures_move_on_without_costing_a_retry(clock: FakeClo
 
 @pytest.mark.anyio
 async def test_max_attempts_is_respected(clock: FakeClock) -> None:
-    pool = make_pool(clock, 5, seed=6)
+    pool = make_pool(clock, 5, seed=6, shared=False)
     upstream = Upstream(5)
     upstream.default = status(500)
     async with async_openai(pool, upstream, max_attempts=2) as client:

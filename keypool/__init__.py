@@ -18,6 +18,7 @@ from ._errors import (
     UnknownKeyError,
     UnknownProviderError,
 )
+from ._eventlog import EventLog
 from ._events import (
     BackupTierChanged,
     CallRecorded,
@@ -47,6 +48,7 @@ __all__ = [
     "CircuitBreaker",
     "Clock",
     "ConfigError",
+    "EventLog",
     "Hook",
     "KeyPool",
     "KeyPoolError",

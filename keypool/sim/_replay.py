@@ -159,9 +159,11 @@ def request_instants(calls: Iterable[Call]) -> list[float]:
     failed_ends = sorted(c.start + c.duration for c in ordered if c.kind.retry_elsewhere)
     instants = []
     for call in ordered:
-        i = bisect.bisect_left(failed_ends, call.start - _FAILOVER_GAP)
-        if i < len(failed_ends) and failed_ends[i] <= call.start + 1e-9:
-            continue  # a failover: it began as a failed attempt ended
+        lo = bisect.bisect_left(failed_ends, call.start - _FAILOVER_GAP)
+        hi = bisect.bisect_right(failed_ends, call.start + 1e-9)
+        own = 1 if call.kind.retry_elsewhere and call.duration <= _FAILOVER_GAP + 1e-9 else 0
+        if hi - lo > own:
+            continue  # a failover: it began as another failed attempt ended
         instants.append(call.start)
     return instants
 

@@ -103,13 +103,13 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
         t: _find(waste, failure_threshold=5, timeout=t, failure="fast")["wasted_attempts"]["mean"]
         for t in (30.0, 60.0, 120.0)
     }
-    stall = _find(waste, failure_threshold=5, timeout=60.0, failure="timeout")["wasted_attempts"]["mean"]
     m_extra = {
         m: _find(half, half_open_max_calls=m, success_threshold=2, failure="fast")["after_heal_minus_m3_s"][
             "mean"
         ]
         for m in (1, 2, 5)
     }
+    extra = {m: f"{round(v, 2) + 0.0:+.2f} s" for m, v in m_extra.items()}
     per_probe = {
         m: _find(half, half_open_max_calls=m, success_threshold=2, failure="fast")["failed_trials_per_probe"][
             "mean"
@@ -139,7 +139,7 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
         },
         {
             "claim": "Mixed workload (95 % success): 0 false positives over 5 minutes (threshold 5)",
-            "measured": f"P(no false trip in 5 min) = {pct(1 - exact[(5, 300.0)])} exact; simulated "
+            "measured": f"P(no false trip in 5 min) = {100 * (1 - exact[(5, 300.0)]):.2f} % exact; simulated "
             f"{_pci(sim5)} "
             "windows with a trip",
             "verdict": "holds",
@@ -195,7 +195,7 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
             f"failures, {renewal5['renewal_per_minute']:.2g}/min at 20 %, {iid5.get(0.3, 0):.2g}/min at 30 "
             "%; "
             "at 5 % practically 0. No failure mix is stated, so 0.8 cannot be placed",
-            "verdict": "needs a window",
+            "verdict": "needs a failure mix",
         },
         {
             "claim": "Successful recovery rate: 98 % (2 successes sufficient)",
@@ -226,11 +226,11 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
         },
         {
             "claim": "High-traffic systems: half_open_max_calls 5; low-traffic: 2 is sufficient",
-            "measured": f"with success_threshold 2, 5 closes no sooner than 3 ({m_extra[5]:+.2f} s) and "
+            "measured": f"with success_threshold 2, 5 closes no sooner than 3 ({extra[5]}) and "
             "wastes "
-            f"{per_probe[5]:.0f} calls per failed probe; 2 is as fast as 3 ({m_extra[2]:+.2f} s), 1 costs "
+            f"{per_probe[5]:.0f} calls per failed probe; 2 is as fast as 3 ({extra[2]}), 1 costs "
             "one "
-            f"answer time ({m_extra[1]:+.2f} s)",
+            f"answer time ({extra[1]})",
             "verdict": "wrong",
         },
         {
@@ -249,15 +249,6 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
                 _find(ttt, failure_threshold=5, setup="one_of_five", failure="fast")["delay_s"], sec
             ),
             "verdict": "holds",
-        },
-        {
-            "claim": "a stall (no answer) outage is detected as fast as a 503 outage",
-            "measured": f"not claimed by the runbook but worth knowing: with a 10 s attempt timeout a "
-            "stalling "
-            f"upstream is detected after {sec(delay(5, 'one_key', 'timeout'))} and costs {stall:.0f} "
-            "attempts "
-            "in 5 minutes whatever the threshold",
-            "verdict": "wrong",
         },
     ]
 
@@ -477,7 +468,7 @@ def _maybe(rows: list[dict[str, Any]], k: int | None, t: float, mode: str) -> di
     return None
 
 
-_MARKER = re.compile(r"(<!-- study:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(\n<!-- /study:(?P=name) -->)", re.S)
+_MARKER = re.compile(r"(<!-- study:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /study:(?P=name) -->)", re.S)
 
 
 def update_doc(path: Path, generated: dict[str, str]) -> list[str]:
@@ -490,7 +481,7 @@ def update_doc(path: Path, generated: dict[str, str]) -> list[str]:
         if name not in generated:
             return match.group(0)
         replaced.append(name)
-        return match.group(1) + generated[name] + match.group(4)
+        return match.group(1) + generated[name] + "\n" + match.group(4)
 
     path.write_text(_MARKER.sub(swap, text), encoding="utf-8")
     return replaced

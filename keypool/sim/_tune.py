@@ -222,9 +222,10 @@ def _measure_outage(
 
     sim.on_change.append(stop)
     result = sim.run()
-    trip = result.first_trip("key-1", after=t0)
+    before = [c for c in result.transitions if c.t < t0]
+    trips = result.trips("key-1", after=t0)  # a false trip may have opened it already, or be probing
     closed = result.closed_at("key-1", after=t1)
-    detection = (trip - t0) if trip is not None else (t1 - t0)
+    detection = 0.0 if before and before[-1].new == "open" else trips[0].t - t0 if trips else t1 - t0
     recovery = (closed - t1) if closed is not None else 40 * config.timeout
     return detection, recovery, float(result.attempts_of("key-1", "failure"))
 

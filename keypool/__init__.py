@@ -7,6 +7,7 @@ import logging as _logging
 
 from ._breaker import BreakerSnapshot, BreakerState, CircuitBreaker, OpenReason, Permit, Transition
 from ._budget import RequestBudget, current_budget, request_budget
+from ._capacity import Capacity, CapacityStatus, TierCapacity
 from ._clock import Clock, MonotonicClock
 from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, fingerprint
 from ._errors import (
@@ -27,8 +28,9 @@ from ._events import (
     KeyStateChanged,
     PoolEvent,
 )
+from ._lease import Lease
 from ._outcome import Outcome, OutcomeKind, classify_exception, classify_status, parse_retry_after
-from ._pool import Capacity, CapacityStatus, KeyPool, Lease, TierCapacity
+from ._pool import KeyPool
 from ._transport import KeyPoolTransport, SyncKeyPoolTransport
 
 __version__ = "0.1.0"

@@ -109,7 +109,10 @@ class CircuitBreaker:
     HALF_OPEN: at most ``half_open_max_calls`` trials at once; ``success_threshold`` successes
     close it, any failure opens it again. A trial that never reports back frees its slot after
     ``probe_timeout``.
-    Quarantine (rejected or exhausted keys) is OPEN with no automatic way back: only :meth:`reset`.
+    Quarantine (rejected or exhausted keys) is OPEN with no automatic way back but :meth:`reset`,
+    unless a re-verification is scheduled (:meth:`schedule_recheck`, for a provider-wide incident
+    rather than a verdict on one key): from that instant the key is HALF_OPEN for one trial; its
+    success closes the breaker, a refusal keeps the quarantine and schedules the next recheck.
     Throttling (429) lays OPEN over the state until the Retry-After instant; a later throttle may
     extend that instant, never shorten it.
     """
@@ -124,6 +127,9 @@ class CircuitBreaker:
         "_pending",
         "_quarantined",
         "_random",
+        "_recheck_at",
+        "_recheck_delay",
+        "_recheck_streak",
         "_reported",
         "_reported_since",
         "_since",
@@ -154,6 +160,9 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._open_reason: OpenReason | None = None
         self._quarantined = False
+        self._recheck_at = 0.0  # a quarantined key re-verified by one trial from here (0: never)
+        self._recheck_delay = 0.0  # the first wait of the current recheck schedule
+        self._recheck_streak = 0  # rechecks in a row that found the key still refused
         self._throttled_until = 0.0
         self._failures = 0
         self._successes = 0
@@ -210,11 +219,21 @@ class CircuitBreaker:
     def state(self, now: float | None = None) -> BreakerState:
         """The effective state at ``now`` (default: the clock's now). Changes nothing."""
         t = self._clock() if now is None else now
-        if self._quarantined or self._throttled_until > t:
+        if self._throttled_until > t:
             return BreakerState.OPEN
+        if self._quarantined:
+            return BreakerState.HALF_OPEN if self._recheck_due(t) else BreakerState.OPEN
         if self._state is BreakerState.OPEN and t >= self._open_until:
             return BreakerState.HALF_OPEN
         return self._state
+
+    def _recheck_due(self, now: float) -> bool:
+        return self._quarantined and 0.0 < self._recheck_at <= now
+
+    @property
+    def recheck_at(self) -> float | None:
+        """When a quarantined key is next re-verified, if that is scheduled."""
+        return self._recheck_at if self._quarantined and self._recheck_at else None
 
     def admits_at(self, now: float | None = None) -> float | None:
         """The earliest instant a call could be admitted (``now`` if it could be now).
@@ -222,17 +241,26 @@ class CircuitBreaker:
         ``None`` means never by itself: the key is quarantined.
         """
         t = self._clock() if now is None else now
-        if self._quarantined:
+        if self._quarantined and not self._recheck_at:
             return None
         at = t
-        if self._state is BreakerState.OPEN:
+        if self._quarantined:
+            at = max(at, self._recheck_at)
+        elif self._state is BreakerState.OPEN:
             at = max(at, self._open_until)
         at = max(at, self._throttled_until)
-        if at == t and self._state is BreakerState.HALF_OPEN:
-            live = [exp for exp in self._trials.values() if exp > t]
-            if len(live) >= self._config.half_open_max_calls:
-                at = min(live)
+        probing = self._state is BreakerState.HALF_OPEN or self._quarantined
+        if probing and (self._state is not BreakerState.OPEN or self._quarantined):
+            # Trial slots taken now stay taken until they end or expire, past a throttle too.
+            live = sorted(exp for exp in self._trials.values() if exp > at)
+            cap = self._trial_cap()
+            if len(live) >= cap:
+                at = live[len(live) - cap]
         return at
+
+    def _trial_cap(self) -> int:
+        """Trials at once: ``half_open_max_calls``, or one for a quarantined key's recheck."""
+        return 1 if self._quarantined else self._config.half_open_max_calls
 
     def can_admit(self, now: float | None = None) -> bool:
         t = self._clock() if now is None else now
@@ -241,12 +269,15 @@ class CircuitBreaker:
     def next_transition_at(self, now: float | None = None) -> float | None:
         """When the effective state will next change by the passing of time alone, if ever."""
         t = self._clock() if now is None else now
-        if self._quarantined:
+        if self._quarantined and not self._recheck_at:
             return None
         candidates = []
         if self._throttled_until > t:
             candidates.append(self._throttled_until)
-        if self._state is BreakerState.OPEN and self._open_until > t:
+        if self._quarantined:
+            if self._recheck_at > t:
+                candidates.append(self._recheck_at)
+        elif self._state is BreakerState.OPEN and self._open_until > t:
             candidates.append(self._open_until)
         if not candidates:
             return None
@@ -255,7 +286,8 @@ class CircuitBreaker:
 
     def trials_in_flight(self, now: float | None = None) -> int:
         t = self._clock() if now is None else now
-        if self.state(t) is not BreakerState.HALF_OPEN or self._state is not BreakerState.HALF_OPEN:
+        probing = self._state is BreakerState.HALF_OPEN or self._recheck_due(t)
+        if self.state(t) is not BreakerState.HALF_OPEN or not probing:
             return 0
         return sum(1 for exp in self._trials.values() if exp > t)
 
@@ -263,6 +295,7 @@ class CircuitBreaker:
         t = self._clock() if now is None else now
         state = self.state(t)
         lazily_half_open = self._state is BreakerState.OPEN and state is BreakerState.HALF_OPEN
+        lazily_half_open = lazily_half_open and not self._recheck_due(t)
         return BreakerSnapshot(
             state=state,
             failure_count=self._failures,
@@ -287,9 +320,21 @@ class CircuitBreaker:
         return spent[0], spent[1], spent[2]
 
     def _lazy_since(self, now: float) -> float:
-        if self._throttled_until and self._throttled_until <= now:
-            return self._throttled_until
-        return self._open_until
+        """When the state that reading sees but no transition has noted yet began: the latest of
+        the instants that time has passed (the open deadline, the recheck, the throttle's end)."""
+        passed = [at for at in self._pending_instants() if at <= now]
+        return max(passed) if passed else self._reported_since
+
+    def _pending_instants(self) -> list[float]:
+        out = []
+        if self._quarantined:
+            if self._recheck_at:
+                out.append(self._recheck_at)
+        elif self._state is BreakerState.OPEN:
+            out.append(self._open_until)
+        if self._throttled_until:
+            out.append(self._throttled_until)
+        return out
 
     # ------------------------------------------------------------------ transitions log
 
@@ -316,6 +361,8 @@ class CircuitBreaker:
             due: list[tuple[float, str]] = []
             if self._state is BreakerState.OPEN and not self._quarantined and self._open_until <= now:
                 due.append((self._open_until, "open"))
+            if self._state is BreakerState.OPEN and self._recheck_due(now):
+                due.append((self._recheck_at, "recheck"))
             if self._throttled_until and self._throttled_until <= now:
                 due.append((self._throttled_until, "throttle"))
             if not due:
@@ -328,6 +375,13 @@ class CircuitBreaker:
                 self._successes = 0
                 self._trials.clear()
                 self._note(at, "timeout_elapsed")
+            elif what == "recheck":
+                self._state = BreakerState.HALF_OPEN  # still quarantined: one trial decides
+                self._since = at
+                self._generation += 1
+                self._successes = 0
+                self._trials.clear()
+                self._note(at, "recheck_due")
             else:
                 self._throttled_until = 0.0
                 self._note(at, "retry_after_elapsed")
@@ -341,12 +395,12 @@ class CircuitBreaker:
         """Admit one call, or return ``None`` if the breaker refuses it now."""
         now = self._clock()
         self._settle(now)
-        if self._quarantined or self._throttled_until > now:
+        if self._throttled_until > now or (self._quarantined and not self._recheck_due(now)):
             return None
         if self._state is BreakerState.CLOSED:
             return Permit(self._generation, trial=False)
         if self._state is BreakerState.HALF_OPEN:
-            if len(self._trials) >= self._config.half_open_max_calls:
+            if len(self._trials) >= self._trial_cap():
                 return None
             token = next(_tokens)
             self._trials[token] = now + self._config.probe_timeout
@@ -359,14 +413,22 @@ class CircuitBreaker:
         self._settle(now)
         if permit.trial:
             self._trials.pop(permit.token, None)
-        return permit.generation == self._generation and not self._quarantined
+        if permit.generation != self._generation:
+            return False
+        return not self._quarantined or (permit.trial and self._recheck_due(now))
 
     def record_success(self, permit: Permit) -> bool:
         """Count a success; ``False`` if the permit was stale and moved nothing."""
         self._total_successes += 1
         if not self._finish(permit):
             return False
-        if self._state is BreakerState.CLOSED:
+        if self._quarantined:  # a recheck's trial: the key is accepted again
+            self._quarantined = False
+            self._recheck_at = 0.0
+            self._recheck_streak = 0
+            self._open_reason = None
+            self._close(self._clock(), "recheck_succeeded")
+        elif self._state is BreakerState.CLOSED:
             self._failures = 0
         elif self._state is BreakerState.HALF_OPEN and permit.trial:
             self._successes += 1
@@ -380,7 +442,9 @@ class CircuitBreaker:
         if not self._finish(permit):
             return False
         now = self._clock()
-        if self._state is BreakerState.CLOSED:
+        if self._quarantined:  # a recheck's trial failed for another reason: look again later
+            self._recheck_later(now)
+        elif self._state is BreakerState.CLOSED:
             self._failures += 1
             if self._failures >= self._config.failure_threshold:
                 self._trip(now, OpenReason.FAILURES)
@@ -406,22 +470,28 @@ class CircuitBreaker:
         if until > self._throttled_until and until > now:
             if self.state(now) is not BreakerState.OPEN:  # a trip only when the key goes out
                 self._trips += 1
-                self._open_reason = OpenReason.THROTTLED
+                if not self._quarantined:  # a quarantine's reason is the one to show
+                    self._open_reason = OpenReason.THROTTLED
             self._throttled_until = until
             self._note(now, OpenReason.THROTTLED.value)
         return self._throttled_until
 
     def quarantine(self, reason: OpenReason, permit: Permit | None = None) -> None:
         """Take the key out until :meth:`reset`: it never half-opens by itself."""
+        recheck = permit is not None and permit.trial and self._recheck_due(self._clock())
         if permit is not None:
             self._finish(permit)
         now = self._clock()
         self._settle(now)
         if self._quarantined:
+            if recheck and permit is not None and permit.generation == self._generation:
+                self._recheck_later(now)  # re-verified and still refused
             return
         if self.state(now) is not BreakerState.OPEN:  # a trip only when the key goes out
             self._trips += 1
         self._quarantined = True
+        self._recheck_at = 0.0
+        self._recheck_streak = 0
         self._state = BreakerState.OPEN
         self._open_reason = reason
         self._since = now
@@ -431,11 +501,37 @@ class CircuitBreaker:
         self._trials.clear()
         self._note(now, reason.value)
 
+    def schedule_recheck(self, delay: float) -> None:
+        """Re-verify a quarantined key with one trial ``delay`` seconds from now; each recheck
+        that finds it still refused waits twice as long as the one before, up to ``max_timeout``
+        (or ``delay``, if that is longer). No effect on a key that is not quarantined."""
+        if not self._quarantined:
+            return
+        now = self._clock()
+        self._settle(now)
+        self._recheck_at = now + max(0.0, delay)
+        self._recheck_delay = max(0.0, delay)
+        self._state = BreakerState.OPEN
+        self._generation += 1
+        self._trials.clear()
+        self._note(now, "recheck_scheduled")
+
+    def _recheck_later(self, now: float) -> None:
+        self._recheck_streak = min(self._recheck_streak + 1, 64)
+        cap = max(self._config.max_timeout, self._recheck_delay)
+        self._recheck_at = now + min(self._recheck_delay * 2.0**self._recheck_streak, cap)
+        self._state = BreakerState.OPEN
+        self._generation += 1
+        self._trials.clear()
+        self._note(now, self._open_reason.value if self._open_reason else "recheck_failed")
+
     def reset(self) -> None:
         """Close the breaker and forget throttles, quarantine and the trip streak."""
         now = self._clock()
         self._settle(now)
         self._quarantined = False
+        self._recheck_at = 0.0
+        self._recheck_streak = 0
         self._throttled_until = 0.0
         self._open_reason = None
         self._streak = 0
@@ -449,6 +545,8 @@ class CircuitBreaker:
         """Trip now, as if the threshold were reached (tests and operators)."""
         now = self._clock()
         self._settle(now)
+        if self._quarantined:
+            return  # already out, for a reason an operator must see: keep it
         self._trip(now, reason)
 
     def adopt(
@@ -520,7 +618,7 @@ class CircuitBreaker:
         else:
             duration = min(cfg.timeout * cfg.backoff_multiplier**steps, cfg.max_timeout)
         if cfg.jitter:
-            duration += duration * cfg.jitter * self._random()
+            duration = _jittered(duration, cfg, self._random())
         self._state = BreakerState.OPEN
         self._open_until = now + duration
         self._open_reason = reason
@@ -545,3 +643,13 @@ class CircuitBreaker:
     def __repr__(self) -> str:
         snap = self.snapshot()
         return f"CircuitBreaker(state={snap.state.label}, failures={snap.failure_count}, trips={snap.trips})"
+
+
+def _jittered(duration: float, cfg: BreakerConfig, draw: float) -> float:
+    """Spread an open time by up to ``jitter`` of itself without ever passing ``max_timeout``
+    (a hard cap) or falling short of ``timeout``: near the cap, the spread moves below it."""
+    spread = duration * (1.0 + cfg.jitter)
+    if spread <= cfg.max_timeout:
+        return duration * (1.0 + cfg.jitter * draw)
+    low = max(cfg.timeout, cfg.max_timeout / (1.0 + cfg.jitter))
+    return low + (cfg.max_timeout - low) * draw

@@ -147,6 +147,12 @@ class BreakerConfig(_Model):
         if unknown:
             allowed = ", ".join(sorted(type(self).model_fields))
             raise ConfigError(f"unknown breaker config field(s) {sorted(unknown)}; allowed: {allowed}")
+        for name, value in changes.items():  # as strict as the admin API: no True for 1, no "10"
+            integral = type(self).model_fields[name].annotation is int
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or (integral and not isinstance(value, int)):
+                wanted = "an integer" if integral else "a number"
+                raise ConfigError(f"{name}: expected {wanted} (got {type(value).__name__})")
         return validate(BreakerConfig, {**self.model_dump(), **changes})
 
 

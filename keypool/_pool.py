@@ -1,4 +1,7 @@
-"""KeyPool: providers -> tiers -> keys, weighted selection, leases, capacity and admin operations.
+"""KeyPool: providers -> tiers -> keys; leases, waiting, capacity and admin operations.
+
+The bookkeeping per key lives in ``_keys``, the choice of a key in ``_selection``, the lease in
+``_lease`` and the capacity answer in ``_capacity``.
 
 The pool does no I/O. One lock guards its state and is held only for the few microseconds of a
 pick or a record, never across a call, so the same pool serves async tasks and threads at once.
@@ -9,34 +12,27 @@ drained lazily when the pool is next used.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any
 
 import anyio
 import anyio.to_thread
 from pydantic import SecretStr
 
 from ._breaker import BreakerState, CircuitBreaker, OpenReason, Permit
+from ._capacity import Capacity, CapacityStatus, TierCapacity, assess
 from ._clock import Clock, MonotonicClock
-from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, Tier, validate
+from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, validate
 from ._errors import ConfigError, NoKeyAvailable, UnknownKeyError, UnknownProviderError
-from ._events import (
-    BackupTierChanged,
-    CallRecorded,
-    CallRejected,
-    Hook,
-    KeyStateChanged,
-    PoolEvent,
-)
-from ._outcome import IGNORED, SUCCESS, Outcome, OutcomeKind, classify_exception
-from ._sampler import WeightedSampler
+from ._events import CallRecorded, CallRejected, Hook, KeyStateChanged, PoolEvent
+from ._keys import KeyState, ProviderState
+from ._lease import Lease
+from ._outcome import Outcome, OutcomeKind
+from ._selection import pick, soonest
 from .store._base import SharedStore, SharedView
 from .store._model import Op
 
@@ -44,261 +40,7 @@ __all__ = ["Capacity", "CapacityStatus", "KeyPool", "Lease", "TierCapacity"]
 
 log = logging.getLogger("keypool")
 
-CapacityStatus = Literal["healthy", "degraded", "critical", "down"]
-_WEIGHT_SCALE = 1000  # weights become integers in thousandths: exact sums in the sampler
 _BUSY_POLL = 0.005  # seconds between looks when every key is merely busy (no known instant)
-_CATEGORIES = ("closed", "half_open", "open", "throttled", "quarantined")
-
-
-@dataclass(frozen=True, slots=True)
-class TierCapacity:
-    """Counts for one tier of one provider."""
-
-    total: int
-    closed: int
-    half_open: int
-    open: int
-    throttled: int
-    quarantined: int
-    in_flight: int
-
-
-@dataclass(frozen=True, slots=True)
-class Capacity:
-    """How much of a provider can take calls now, for code (the runbook asks Grafana the same).
-
-    ``open`` counts every key that refuses calls (tripped, throttled or quarantined); the latter two
-    are also counted on their own. ``healthy_share`` is the share of all keys that are closed.
-    ``status``: ``down`` when no key can take a call, ``critical`` when fewer than half the keys are
-    closed (the runbook's "majority open"), ``degraded`` when any key is not closed.
-    ``next_recovery_in`` is the number of seconds until the soonest key should be back, if known.
-    """
-
-    provider: str
-    total: int
-    closed: int
-    half_open: int
-    open: int
-    throttled: int
-    quarantined: int
-    in_flight: int
-    healthy_share: float
-    status: CapacityStatus
-    backup_active: bool
-    backup_forced: bool | None
-    next_recovery_in: float | None
-    primary: TierCapacity
-    backup: TierCapacity
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "status": self.status,
-            "total": self.total,
-            "closed": self.closed,
-            "half_open": self.half_open,
-            "open": self.open,
-            "throttled": self.throttled,
-            "quarantined": self.quarantined,
-            "in_flight": self.in_flight,
-            "healthy_share": round(self.healthy_share, 6),
-            "backup_active": self.backup_active,
-            "backup_forced": self.backup_forced,
-            "next_recovery_in": self.next_recovery_in,
-            "primary": _tier_dict(self.primary),
-            "backup": _tier_dict(self.backup),
-        }
-
-
-def _tier_dict(tier: TierCapacity) -> dict[str, int]:
-    return {name: getattr(tier, name) for name in TierCapacity.__slots__}
-
-
-class _Key:
-    __slots__ = (
-        "breaker",
-        "category",
-        "eligible",
-        "id",
-        "in_flight",
-        "index",
-        "probation_until",
-        "proven",
-        "provider",
-        "removed",
-        "scheduled_at",
-        "shared_failures",
-        "spec",
-        "tier",
-        "units",
-    )
-
-    def __init__(self, provider: _Provider, spec: KeySpec, breaker: CircuitBreaker) -> None:
-        self.provider = provider
-        self.spec = spec
-        self.id = spec.id
-        self.tier = provider.tiers[spec.tier]
-        self.units = max(1, round(spec.weight * _WEIGHT_SCALE))
-        self.breaker = breaker
-        self.in_flight = 0
-        self.eligible = 0
-        self.category = "closed"
-        self.scheduled_at: float | None = None
-        self.removed = False
-        self.shared_failures = 0  # consecutive failures all pools together have seen (shared store)
-        self.proven = False  # no success yet: on probation (one call at a time, briefly)
-        self.probation_until: float | None = None
-        self.index = self.tier.sampler.append(0)
-        self.tier.keys.append(self)
-        self.tier.counts["closed"] += 1
-
-    def category_at(self, now: float) -> str:
-        b = self.breaker
-        state = b.state(now)
-        if state is BreakerState.OPEN:
-            if b.quarantined:
-                return "quarantined"
-            return "throttled" if b.throttled_until > now else "open"
-        return state.label
-
-    def on_probation(self, now: float) -> bool:
-        """A key not yet proven by a success carries one call at a time for its first moments,
-        so a key that is dead or rate-limited from the start wastes one call, not a burst."""
-        return (
-            not self.proven
-            and self.in_flight > 0
-            and self.probation_until is not None
-            and now < self.probation_until
-            and self.breaker.state(now) is BreakerState.CLOSED  # trials have their own limit
-        )
-
-    def admits(self, now: float) -> bool:
-        if self.removed or not self.breaker.can_admit(now):
-            return False
-        cap = self.spec.max_concurrency
-        if cap is not None and self.in_flight >= cap:
-            return False
-        if self.on_probation(now):
-            return False
-        # Lean away from a failing key: never more calls in flight than failures it has left
-        # before tripping, so a dead key wastes at most failure_threshold calls per trip.
-        failures = self.breaker.failure_count if self.in_flight else 0
-        if failures:
-            left = self.breaker.config.failure_threshold - failures
-            return self.in_flight < max(1, left)
-        return True
-
-
-class _Tier:
-    __slots__ = ("counts", "in_flight", "keys", "name", "sampler")
-
-    def __init__(self, name: Tier) -> None:
-        self.name = name
-        self.keys: list[_Key] = []
-        self.sampler = WeightedSampler()
-        self.counts = dict.fromkeys(_CATEGORIES, 0)
-        self.in_flight = 0
-
-    def capacity(self) -> TierCapacity:
-        return TierCapacity(
-            total=sum(self.counts.values()),
-            closed=self.counts["closed"],
-            half_open=self.counts["half_open"],
-            open=self.counts["open"],
-            throttled=self.counts["throttled"],
-            quarantined=self.counts["quarantined"],
-            in_flight=self.in_flight,
-        )
-
-
-class _Provider:
-    __slots__ = ("backup_active", "backup_forced", "config", "heap", "keys", "name", "tiers")
-
-    def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.config = config
-        self.tiers: dict[str, _Tier] = {"primary": _Tier("primary"), "backup": _Tier("backup")}
-        self.keys: dict[str, _Key] = {}
-        self.heap: list[tuple[float, int, _Key]] = []
-        self.backup_forced: bool | None = None
-        self.backup_active = False
-
-
-_heap_seq = iter(range(1 << 62))
-
-
-class Lease:
-    """One key, leased for one call. Report exactly one outcome; later reports are ignored.
-
-    Use it as a context manager: a clean exit records success, an exception is classified (a
-    cancellation or a bug in the caller's code counts against nothing), and an explicit
-    :meth:`record` inside the block wins over both.
-    """
-
-    __slots__ = ("_done", "_permit", "_pool", "_started", "key", "provider")
-
-    def __init__(self, pool: KeyPool, key: _Key, permit: Permit, started: float) -> None:
-        self._pool = pool
-        self.key = key
-        self.provider = key.provider.name
-        self._permit = permit
-        self._started = started
-        self._done = False
-
-    @property
-    def key_id(self) -> str:
-        return self.key.id
-
-    @property
-    def tier(self) -> Tier:
-        return self.key.spec.tier
-
-    @property
-    def secret(self) -> SecretStr:
-        return self.key.spec.secret
-
-    @property
-    def trial(self) -> bool:
-        return self._permit.trial
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def record(self, outcome: Outcome) -> None:
-        self._pool._record(self, self._permit, outcome, self._started)
-
-    def success(self) -> None:
-        self.record(SUCCESS)
-
-    def failure(self, detail: str = "") -> None:
-        self.record(Outcome(OutcomeKind.FAILURE, detail=detail))
-
-    def release(self) -> None:
-        """Give the key back without an outcome."""
-        self.record(IGNORED)
-
-    def _exit(self, exc: BaseException | None) -> None:
-        self.record(SUCCESS if exc is None else classify_exception(exc))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._exit(exc)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._exit(exc)
-
-    def __repr__(self) -> str:
-        return f"Lease(provider={self.provider!r}, key_id={self.key_id!r}, done={self._done})"
 
 
 class KeyPool:
@@ -323,7 +65,7 @@ class KeyPool:
         self._instance = uuid.uuid4().hex[:12]  # names this pool's trial slots in a shared store
         self._now = self._clock.now
         self._lock = threading.Lock()
-        self._providers: dict[str, _Provider] = {}
+        self._providers: dict[str, ProviderState] = {}
         self._hooks: list[Hook] = list(hooks)
         self._rng = random.Random(seed)
         if config is not None:
@@ -376,7 +118,7 @@ class KeyPool:
         with self._lock:
             if cfg.name in self._providers:
                 raise ConfigError(f"provider {cfg.name!r} already exists")
-            prov = _Provider(cfg)
+            prov = ProviderState(cfg)
             self._providers[cfg.name] = prov
             for spec in cfg.keys:
                 self._add_key(prov, spec)
@@ -398,16 +140,16 @@ class KeyPool:
         with self._lock:
             key = self._key(provider, key_id)
             key.removed = True
-            self._refresh(key, self._now(), [])
+            key.refresh(self._now(), [])
             key.tier.counts[key.category] -= 1
             key.category = "removed"
             del key.provider.keys[key_id]
 
-    def _add_key(self, prov: _Provider, spec: KeySpec) -> None:
+    def _add_key(self, prov: ProviderState, spec: KeySpec) -> None:
         breaker = CircuitBreaker(prov.config.breaker, clock=self._now, rng=self._rng.random)
-        key = _Key(prov, spec, breaker)
+        key = KeyState(prov, spec, breaker)
         prov.keys[key.id] = key
-        self._refresh(key, self._now(), [])
+        key.refresh(self._now(), [])
 
     def key_count(self, provider: str) -> int:
         """How many keys a provider has (O(1))."""
@@ -419,13 +161,13 @@ class KeyPool:
             provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
             return [k for p in provs for k in p.keys]
 
-    def _provider(self, name: str) -> _Provider:
+    def _provider(self, name: str) -> ProviderState:
         try:
             return self._providers[name]
         except KeyError:
             raise UnknownProviderError(name, self._providers) from None
 
-    def _key(self, provider: str | None, key_id: str) -> _Key:
+    def _key(self, provider: str | None, key_id: str) -> KeyState:
         provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
         for prov in provs:
             if key_id in prov.keys:
@@ -461,136 +203,7 @@ class KeyPool:
 
     # ------------------------------------------------------------------ bookkeeping (lock held)
 
-    def _refresh(self, key: _Key, now: float, events: list[PoolEvent]) -> None:
-        """Bring a key's sampler weight, state counts and wake-up time in line with its breaker."""
-        breaker = key.breaker
-        if breaker.plainly_closed() and key.category == "closed" and key.scheduled_at is None:
-            # The common case, kept cheap: a closed key with nothing pending; only load changes.
-            weight = key.units if key.admits(now) else 0
-            if weight != key.eligible:
-                key.tier.sampler.set(key.index, weight)
-                key.eligible = weight
-            if not weight and key.on_probation(now) and key.probation_until is not None:
-                key.scheduled_at = key.probation_until
-                heapq.heappush(key.provider.heap, (key.probation_until, next(_heap_seq), key))
-            return
-        breaker.poll()
-        for t in breaker.drain_transitions():
-            events.append(KeyStateChanged(key.provider.name, key.id, t.old, t.new, t.reason, t.at))
-        if key.removed:
-            if key.eligible:
-                key.tier.sampler.set(key.index, 0)
-                key.eligible = 0
-            key.scheduled_at = None
-            return
-        weight = key.units if key.admits(now) else 0
-        if weight != key.eligible:
-            key.tier.sampler.set(key.index, weight)
-            key.eligible = weight
-        category = key.category_at(now)
-        if category != key.category:
-            key.tier.counts[key.category] -= 1
-            key.tier.counts[category] += 1
-            key.category = category
-        wake = breaker.next_transition_at(now)
-        if now < breaker.throttled_until and (wake is None or breaker.throttled_until < wake):
-            wake = breaker.throttled_until  # throttled -> open: the same state, another category
-        admits = breaker.admits_at(now)
-        if key.on_probation(now) and key.probation_until is not None:
-            admits = max(admits, key.probation_until) if admits is not None else None
-        if admits is not None and admits > now and (wake is None or admits < wake):
-            wake = admits
-        # A heap entry is live only while it matches the key's scheduled_at: a reset, quarantine or
-        # extended throttle leaves the old entry behind as stale, and stale entries are skipped.
-        if wake != key.scheduled_at:
-            key.scheduled_at = wake
-            if wake is not None:
-                heapq.heappush(key.provider.heap, (wake, next(_heap_seq), key))
-
-    def _wake(self, prov: _Provider, now: float, events: list[PoolEvent]) -> None:
-        heap = prov.heap
-        while heap and heap[0][0] <= now:
-            at, _, key = heapq.heappop(heap)
-            if at != key.scheduled_at:
-                continue
-            key.scheduled_at = None
-            self._refresh(key, now, events)
-        self._update_backup(prov, events)
-
-    @staticmethod
-    def _next_wake(prov: _Provider) -> float | None:
-        """The soonest live scheduled instant of a provider's keys, dropping stale heap entries."""
-        heap = prov.heap
-        while heap and heap[0][0] != heap[0][2].scheduled_at:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
-
-    def _update_backup(self, prov: _Provider, events: list[PoolEvent]) -> None:
-        primary = prov.tiers["primary"]
-        total = sum(primary.counts.values())
-        share = primary.counts["closed"] / total if total else 0.0
-        if prov.backup_forced is not None:
-            active, reason = prov.backup_forced, "operator"
-        else:
-            active = share < prov.config.backup_threshold
-            reason = "primary_unhealthy" if active else "primary_recovered"
-        if active != prov.backup_active:
-            prov.backup_active = active
-            if prov.tiers["backup"].keys:  # nothing to announce for a provider without backups
-                events.append(BackupTierChanged(prov.name, active, reason))
-
     # ------------------------------------------------------------------ selection
-
-    def _pick(self, prov: _Provider, now: float, exclude: frozenset[str]) -> _Key | None:
-        tiers = [prov.tiers["primary"]]
-        backup = prov.tiers["backup"]
-        if backup.keys and prov.backup_active:  # backups serve only when their tier is active
-            tiers.append(backup)
-        totals = [t.sampler.total for t in tiers]
-        grand = sum(totals)
-        if grand <= 0:
-            return None
-        best: _Key | None = None
-        # Two weighted draws, keep the less loaded per unit of weight ("power of two choices");
-        # an idle first draw cannot be beaten, so it skips the second.
-        for _ in range(2 if not exclude else 8):
-            if best is not None and not best.in_flight:
-                break
-            u = self._rng.randrange(grand)
-            tier = tiers[0] if u < totals[0] else tiers[1]
-            if tier is not tiers[0]:
-                u -= totals[0]
-            candidate = tier.keys[tier.sampler.find(u)]
-            if candidate.id in exclude:
-                continue
-            if best is None or candidate.in_flight * best.units < best.in_flight * candidate.units:
-                best = candidate
-                if exclude:
-                    break
-        if best is None and exclude:
-            # Rare: the draws kept landing on excluded keys. Look at every eligible key once.
-            for tier in tiers:
-                for key in tier.keys:
-                    if key.eligible and key.id not in exclude:
-                        return key
-        return best
-
-    def _soonest(
-        self, prov: _Provider, now: float, exclude: frozenset[str] = frozenset()
-    ) -> tuple[float | None, bool]:
-        """(seconds until the soonest scheduled recovery, whether some key is merely busy).
-
-        Keys in ``exclude`` are left out: waiting for a key the caller will not take is pointless.
-        """
-        wake = self._next_wake(prov)
-        if exclude and wake is not None:  # slow path, only while failing over
-            live = (at for at, _, k in prov.heap if at == k.scheduled_at and k.id not in exclude)
-            wake = min(live, default=None)
-        soonest = None if wake is None else wake - now
-        busy = False
-        if soonest is None:
-            busy = any(k.in_flight for k in prov.keys.values() if k.id not in exclude)
-        return soonest, busy
 
     def try_acquire(self, provider: str, *, exclude: Iterable[str] = ()) -> Lease:
         """Lease a key now, or raise :class:`NoKeyAvailable` (never waits)."""
@@ -643,24 +256,24 @@ class KeyPool:
         with self._lock:
             prov = self._provider(provider)
             now = self._now()
-            self._wake(prov, now, events)
+            prov.wake(now, events)
             lease: Lease | None = None
             for _ in range(4):
-                key = self._pick(prov, now, exclude)
+                key = pick(prov, exclude, self._rng)
                 if key is None:
                     break
                 permit = key.breaker.try_acquire()
                 if permit is None:  # out of step with the sampler: fix it and draw again
-                    self._refresh(key, now, events)
+                    key.refresh(now, events)
                     continue
                 key.in_flight += 1
                 key.tier.in_flight += 1
                 if not key.proven and key.probation_until is None:
                     key.probation_until = now + prov.config.probation
-                self._refresh(key, now, events)
+                key.refresh(now, events)
                 lease = Lease(self, key, permit, now)
                 break
-            soon, busy = (None, False) if lease else self._soonest(prov, now, exclude)
+            soon, busy = (None, False) if lease else soonest(prov, now, exclude)
         if events:
             self._emit(events)
         return lease, soon, busy
@@ -680,7 +293,7 @@ class KeyPool:
                 key.in_flight += 1
                 key.tier.in_flight += 1
                 lease = Lease(self, key, permit, now)
-            self._refresh(key, now, events)
+            key.refresh(now, events)
         self._emit(events)
         return lease if lease is None or self._claimed(lease) else None
 
@@ -776,8 +389,8 @@ class KeyPool:
             config = breaker.config
             key.in_flight -= 1
             key.tier.in_flight -= 1
-            self._refresh(key, now, events)
-            self._update_backup(key.provider, events)
+            key.refresh(now, events)
+            key.provider.update_backup(events)
         events.append(
             CallRecorded(lease.provider, key.id, outcome.kind, outcome.status, now - started, permit.trial)
         )
@@ -804,8 +417,8 @@ class KeyPool:
                 failures=view.failures,
                 successes=view.successes,
             )
-            self._refresh(key, self._now(), events)
-            self._update_backup(prov, events)
+            key.refresh(self._now(), events)
+            prov.update_backup(events)
         self._emit(events)
 
     def shared_views(self) -> list[tuple[str, str, SharedView]]:
@@ -848,9 +461,9 @@ class KeyPool:
         with self._lock:
             now = self._now()
             for prov in self._providers.values():
-                self._wake(prov, now, events)
+                prov.wake(now, events)
                 for key in prov.keys.values():
-                    self._refresh(key, now, events)
+                    key.refresh(now, events)
         self._emit(events)
 
     def capacity(self, provider: str) -> Capacity:
@@ -858,10 +471,10 @@ class KeyPool:
         with self._lock:
             prov = self._provider(provider)
             now = self._now()
-            self._wake(prov, now, events)
+            prov.wake(now, events)
             primary = prov.tiers["primary"].capacity()
             backup = prov.tiers["backup"].capacity()
-            wake = self._next_wake(prov)
+            wake = prov.next_wake()
             soon = None if wake is None else wake - now
             any_eligible = prov.tiers["primary"].sampler.total > 0 or (
                 prov.backup_active and prov.tiers["backup"].sampler.total > 0
@@ -869,42 +482,17 @@ class KeyPool:
             forced = prov.backup_forced
             active = prov.backup_active
         self._emit(events)
-        total = primary.total + backup.total
-        closed = primary.closed + backup.closed
-        share = closed / total if total else 0.0
-        status: CapacityStatus
-        busy_only = primary.in_flight + backup.in_flight > 0 and (
-            closed + primary.half_open + backup.half_open > 0
-        )
-        if not any_eligible and not busy_only:
-            status = "down"
-        elif share < 0.5:  # the runbook's "majority open", the same line as the backup tier
-            status = "critical"
-        elif closed < total:
-            status = "degraded"
-        else:
-            status = "healthy"
-        throttled = primary.throttled + backup.throttled
-        quarantined = primary.quarantined + backup.quarantined
-        return Capacity(
-            provider=provider,
-            total=total,
-            closed=closed,
-            half_open=primary.half_open + backup.half_open,
-            open=primary.open + backup.open + throttled + quarantined,
-            throttled=throttled,
-            quarantined=quarantined,
-            in_flight=primary.in_flight + backup.in_flight,
-            healthy_share=share,
-            status=status,
+        return assess(
+            provider,
+            primary,
+            backup,
+            any_eligible=any_eligible,
             backup_active=active,
             backup_forced=forced,
-            next_recovery_in=None if soon is None else max(0.0, soon),
-            primary=primary,
-            backup=backup,
+            soon=soon,
         )
 
-    def _key_stats(self, key: _Key, now: float) -> dict[str, Any]:
+    def _key_stats(self, key: KeyState, now: float) -> dict[str, Any]:
         snap = key.breaker.snapshot(now)
         cfg = key.breaker.config
         return {
@@ -959,7 +547,7 @@ class KeyPool:
 
     # ------------------------------------------------------------------ operations
 
-    def _mutate(self, keys: Iterable[_Key], action: Any, share: tuple[Op, str] | None = None) -> int:
+    def _mutate(self, keys: Iterable[KeyState], action: Any, share: tuple[Op, str] | None = None) -> int:
         """Apply an operator's ``action`` to ``keys``; ``share`` is the same change for the store."""
         events: list[PoolEvent] = []
         shared: list[tuple[str, str, BreakerConfig]] = []
@@ -968,12 +556,12 @@ class KeyPool:
             now = self._now()
             for key in list(keys):
                 action(key)
-                self._refresh(key, now, events)
+                key.refresh(now, events)
                 count += 1
                 if share is not None and self._store is not None:
                     shared.append((key.provider.name, key.id, key.breaker.config))
             for prov in self._providers.values():
-                self._update_backup(prov, events)
+                prov.update_backup(events)
         if share is not None and self._store is not None:
             op, reason = share
             for provider, key_id, config in shared:  # outside the lock, like every store call
@@ -981,7 +569,7 @@ class KeyPool:
         self._emit(events)
         return count
 
-    def _select(self, provider: str | None, key_id: str | None) -> list[_Key]:
+    def _select(self, provider: str | None, key_id: str | None) -> list[KeyState]:
         with self._lock:
             if key_id is not None:
                 return [self._key(provider, key_id)]
@@ -991,7 +579,7 @@ class KeyPool:
     def reset(self, provider: str | None = None, key_id: str | None = None) -> int:
         """Close breakers (one key, one provider, or all) and clear throttles and quarantines."""
 
-        def reset(key: _Key) -> None:
+        def reset(key: KeyState) -> None:
             key.breaker.reset()
             key.proven, key.probation_until = False, None  # a rotated key proves itself again
 
@@ -1026,7 +614,7 @@ class KeyPool:
             changes = changes.model_dump()
         planned = {id(k): k.breaker.config.updated(changes) for k in keys}  # validates all first
         with self._lock:
-            provs: list[_Provider] = []
+            provs: list[ProviderState] = []
             if key_id is None:
                 provs = [self._provider(provider)] if provider is not None else list(self._providers.values())
             # Validate every provider's new default before changing any of them.
@@ -1041,7 +629,7 @@ class KeyPool:
         with self._lock:
             prov = self._provider(provider)
             prov.backup_forced = active
-            self._update_backup(prov, events)
+            prov.update_backup(events)
         self._emit(events)
 
     def __repr__(self) -> str:

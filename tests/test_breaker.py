@@ -337,12 +337,16 @@ def test_jitter_stays_within_bounds(clock: FakeClock) -> None:
     for streak in range(1, 200):
         base = min(10 * 2.0 ** (streak - 1), 40)
         d = open_duration(breaker, clock)
-        assert base <= d <= base * 1.5
-        seen.append(d / base)
+        assert 10 <= d <= 40  # never below timeout, never past max_timeout: a hard cap
+        if base * 1.5 <= 40:
+            assert base <= d <= base * 1.5
+        else:  # at the cap the spread moves below it, so keys still do not re-probe in step
+            assert 40 / 1.5 <= d <= 40
+        seen.append(d)
         clock.advance(d)
         fail(breaker)
-    # the draws really vary: keys that trip together do not re-probe in step
-    assert max(seen) - min(seen) > 0.3
+    # the draws really vary, at the cap too: keys that trip together do not re-probe in step
+    assert max(seen[5:]) - min(seen[5:]) > 5
 
 
 def test_no_jitter_by_default(clock: FakeClock) -> None:
@@ -452,6 +456,127 @@ def test_outcomes_while_quarantined_move_nothing(clock: FakeClock) -> None:
         breaker.record_failure(p)
     assert breaker.state() is OPEN
     assert breaker.snapshot().trips == 1
+
+
+# ---------------------------------------------------------------------------------- rechecks
+
+
+def test_a_scheduled_recheck_lets_one_trial_through_and_its_success_closes(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.quarantine(OpenReason.REJECTED)
+    breaker.schedule_recheck(30.0)
+    assert breaker.admits_at() == pytest.approx(1030.0)
+    assert breaker.next_transition_at() == pytest.approx(1030.0)
+    clock.advance(29.9)
+    assert breaker.try_acquire() is None
+    clock.advance(0.1)
+    assert breaker.state() is HALF_OPEN
+    trial = breaker.try_acquire()
+    assert trial is not None
+    assert trial.trial
+    assert breaker.try_acquire() is None  # one probe at a time for a quarantined key
+    assert breaker.snapshot().quarantined
+    breaker.record_success(trial)
+    assert breaker.state() is CLOSED
+    snap = breaker.snapshot()
+    assert (snap.quarantined, snap.open_reason, snap.admits_at) == (False, None, 1030.0)
+    assert [t.reason for t in breaker.drain_transitions()][-1] == "recheck_succeeded"
+
+
+def test_a_recheck_still_refused_waits_twice_as_long_up_to_max_timeout(clock: FakeClock) -> None:
+    breaker = make(clock, max_timeout=200)
+    breaker.quarantine(OpenReason.QUOTA)
+    breaker.schedule_recheck(30.0)
+    waits = []
+    for _ in range(5):
+        at = breaker.recheck_at
+        assert at is not None
+        waits.append(at - clock.now())
+        clock.advance(at - clock.now())
+        trial = breaker.try_acquire()
+        assert trial is not None
+        breaker.quarantine(OpenReason.QUOTA, trial)  # the provider still says no
+        assert breaker.state() is OPEN
+        assert breaker.snapshot().open_reason is OpenReason.QUOTA
+    assert waits == pytest.approx([30, 60, 120, 200, 200])
+
+
+def test_a_recheck_that_fails_for_another_reason_also_waits_longer(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.quarantine(OpenReason.REJECTED)
+    breaker.schedule_recheck(10.0)
+    clock.advance(10.0)
+    trial = breaker.try_acquire()
+    assert trial is not None
+    breaker.record_failure(trial)  # a 503 says nothing about the key: look again later
+    assert breaker.recheck_at == pytest.approx(clock.now() + 20.0)
+    assert breaker.snapshot().quarantined
+
+
+def test_a_throttle_during_a_recheck_keeps_the_quarantine_reason(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.quarantine(OpenReason.REJECTED)
+    breaker.schedule_recheck(10.0)
+    clock.advance(10.0)
+    trial = breaker.try_acquire()
+    assert trial is not None
+    breaker.throttle(5.0, trial)
+    assert breaker.snapshot().open_reason is OpenReason.REJECTED
+    clock.advance(5.0)
+    assert breaker.try_acquire() is not None  # the recheck is still due once the throttle ends
+
+
+def test_no_recheck_without_a_quarantine_and_reset_cancels_one(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.schedule_recheck(5.0)
+    assert breaker.recheck_at is None
+    assert breaker.state() is CLOSED
+    breaker.quarantine(OpenReason.REJECTED)
+    breaker.schedule_recheck(5.0)
+    breaker.reset()
+    assert breaker.recheck_at is None
+    breaker.quarantine(OpenReason.REJECTED)
+    clock.advance(YEAR)
+    assert breaker.state() is OPEN  # a new quarantine has no recheck unless one is scheduled
+
+
+def test_trip_keeps_a_quarantine_and_its_reason(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.quarantine(OpenReason.QUOTA)
+    breaker.force_open()
+    snap = breaker.snapshot()
+    assert (snap.quarantined, snap.open_reason, snap.trips) == (True, OpenReason.QUOTA, 1)
+    clock.advance(YEAR)
+    assert breaker.state() is OPEN
+
+
+def test_admits_at_when_throttled_over_a_full_half_open_breaker(clock: FakeClock) -> None:
+    breaker = make(clock, probe_timeout=100)
+    trip_and_half_open(breaker, clock)
+    held = [breaker.try_acquire() for _ in range(3)]
+    assert all(p is not None for p in held)
+    breaker.throttle(10.0)
+    # The throttle ends first, but the three trial slots are still taken then: the earliest
+    # admission is when the first of them expires.
+    assert breaker.admits_at() == pytest.approx(clock.now() + 100.0)
+    first = held[0]
+    assert first is not None
+    breaker.release(first)
+    assert breaker.admits_at() == pytest.approx(clock.now() + 10.0)
+
+
+def test_since_after_a_429_on_an_open_breaker_is_the_later_instant(clock: FakeClock) -> None:
+    breaker = make(clock)
+    fail(breaker, 5)  # open until 1060
+    clock.advance(10)
+    breaker.throttle(5.0)  # throttled until 1015, inside the open time
+    clock.advance(100)
+    snap = breaker.snapshot()
+    assert snap.state is HALF_OPEN
+    assert snap.since == pytest.approx(1060.0)  # half-open since the open time ended, not 1015
+    breaker.throttle(200.0, None)  # now throttled until 1310, past nothing: open again
+    clock.advance(300)
+    assert breaker.snapshot().since == pytest.approx(1310.0)
 
 
 def _closed(clock: FakeClock) -> CircuitBreaker:

@@ -51,6 +51,9 @@ class Model:
         self.state = "closed"
         self.open_until = 0.0
         self.quarantined = False
+        self.recheck_at = 0.0
+        self.recheck_delay = 0.0
+        self.recheck_streak = 0
         self.throttled_until = 0.0
         self.failures = 0
         self.successes = 0
@@ -64,8 +67,16 @@ class Model:
         self.now += dt
         self.settle()
 
+    def recheck_due(self) -> bool:
+        return self.quarantined and 0 < self.recheck_at <= self.now
+
     def settle(self) -> None:
         if self.state == "open" and not self.quarantined and self.now >= self.open_until:
+            self.state = "half_open"
+            self.generation += 1
+            self.successes = 0
+            self.trials.clear()
+        if self.state == "open" and self.recheck_due():
             self.state = "half_open"
             self.generation += 1
             self.successes = 0
@@ -73,8 +84,10 @@ class Model:
         self.trials = {t: exp for t, exp in self.trials.items() if exp > self.now}
 
     def effective(self) -> BreakerState:
-        if self.quarantined or self.throttled_until > self.now:
+        if self.throttled_until > self.now:
             return BreakerState.OPEN
+        if self.quarantined:
+            return BreakerState.HALF_OPEN if self.recheck_due() else BreakerState.OPEN
         return {
             "closed": BreakerState.CLOSED,
             "half_open": BreakerState.HALF_OPEN,
@@ -85,8 +98,13 @@ class Model:
     def trip(self) -> None:
         self.streak += 1
         base = min(CFG.timeout * CFG.backoff_multiplier ** (self.streak - 1), CFG.max_timeout)
+        if base * (1 + CFG.jitter) <= CFG.max_timeout:
+            duration = base * (1 + CFG.jitter * JITTER_DRAW)
+        else:  # jitter stays inside the hard cap
+            low = max(CFG.timeout, CFG.max_timeout / (1 + CFG.jitter))
+            duration = low + (CFG.max_timeout - low) * JITTER_DRAW
         self.state = "open"
-        self.open_until = self.now + base + base * CFG.jitter * JITTER_DRAW
+        self.open_until = self.now + duration
         self.generation += 1
         self.failures = 0
         self.successes = 0
@@ -102,11 +120,12 @@ class Model:
 
     # calls
     def acquire(self) -> ModelPermit | None:
-        if self.quarantined or self.throttled_until > self.now:
+        if self.throttled_until > self.now or (self.quarantined and not self.recheck_due()):
             return None
         if self.state == "closed":
             return ModelPermit(self.generation, False, -1)
-        if self.state == "half_open" and len(self.trials) < CFG.half_open_max_calls:
+        cap = 1 if self.quarantined else CFG.half_open_max_calls
+        if self.state == "half_open" and len(self.trials) < cap:
             self.next_token += 1
             self.trials[self.next_token] = self.now + CFG.probe_timeout
             return ModelPermit(self.generation, True, self.next_token)
@@ -114,12 +133,19 @@ class Model:
 
     def finish(self, permit: ModelPermit) -> bool:
         self.trials.pop(permit.token, None)
-        return permit.generation == self.generation and not self.quarantined
+        if permit.generation != self.generation:
+            return False
+        return not self.quarantined or (permit.trial and self.recheck_due())
 
     def success(self, permit: ModelPermit) -> None:
         if not self.finish(permit):
             return
-        if self.state == "closed":
+        if self.quarantined:
+            self.quarantined = False
+            self.recheck_at = 0.0
+            self.recheck_streak = 0
+            self.close()
+        elif self.state == "closed":
             self.failures = 0
         elif self.state == "half_open" and permit.trial:
             self.successes += 1
@@ -129,7 +155,9 @@ class Model:
     def failure(self, permit: ModelPermit) -> None:
         if not self.finish(permit):
             return
-        if self.state == "closed":
+        if self.quarantined:
+            self.recheck_later()
+        elif self.state == "closed":
             self.failures += 1
             if self.failures >= CFG.failure_threshold:
                 self.trip()
@@ -140,10 +168,34 @@ class Model:
         wait = CFG.default_retry_after if retry_after is None or retry_after < 0 else retry_after
         self.throttled_until = max(self.throttled_until, self.now + min(wait, CFG.max_retry_after))
 
-    def quarantine(self) -> None:
+    def recheck_later(self) -> None:
+        self.recheck_streak = min(self.recheck_streak + 1, 64)
+        cap = max(CFG.max_timeout, self.recheck_delay)
+        self.recheck_at = self.now + min(self.recheck_delay * 2.0**self.recheck_streak, cap)
+        self.state = "open"
+        self.generation += 1
+        self.trials.clear()
+
+    def schedule_recheck(self, delay: float) -> None:
+        if not self.quarantined:
+            return
+        self.recheck_at = self.now + delay
+        self.recheck_delay = delay
+        self.state = "open"
+        self.generation += 1
+        self.trials.clear()
+
+    def quarantine(self, permit: ModelPermit | None = None) -> None:
+        recheck = permit is not None and permit.trial and self.recheck_due()
+        if permit is not None:
+            self.finish(permit)
         if self.quarantined:
+            if recheck and permit is not None and permit.generation == self.generation:
+                self.recheck_later()
             return
         self.quarantined = True
+        self.recheck_at = 0.0
+        self.recheck_streak = 0
         self.state = "open"
         self.generation += 1
         self.failures = 0
@@ -152,6 +204,8 @@ class Model:
 
     def reset(self) -> None:
         self.quarantined = False
+        self.recheck_at = 0.0
+        self.recheck_streak = 0
         self.throttled_until = 0.0
         self.close()
 
@@ -193,6 +247,9 @@ class BreakerMachine(RuleBasedStateMachine):
         elif how == "release":
             self.breaker.release(permit)
             self.model.finish(mine)
+        elif how == "rejected":
+            self.breaker.quarantine(OpenReason.REJECTED, permit)
+            self.model.quarantine(mine)
         else:
             retry_after = 7.0
             self.breaker.throttle(retry_after, permit)
@@ -200,7 +257,10 @@ class BreakerMachine(RuleBasedStateMachine):
             self.model.throttle(retry_after)
 
     @precondition(lambda self: self.outstanding)
-    @rule(index=st.integers(0, 50), how=st.sampled_from(["success", "failure", "release", "throttle"]))
+    @rule(
+        index=st.integers(0, 50),
+        how=st.sampled_from(["success", "failure", "release", "throttle", "rejected"]),
+    )
     def report(self, index: int, how: str) -> None:
         self.finish_one(index, how)
 
@@ -214,6 +274,11 @@ class BreakerMachine(RuleBasedStateMachine):
         self.breaker.quarantine(reason)
         self.model.quarantine()
 
+    @rule(delay=st.sampled_from([0.0, 1.0, 8.0, 30.0]))
+    def schedule_recheck(self, delay: float) -> None:
+        self.breaker.schedule_recheck(delay)
+        self.model.schedule_recheck(delay)
+
     @rule()
     def reset(self) -> None:
         self.breaker.reset()
@@ -222,10 +287,9 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @rule(dt=st.sampled_from([0.5, 1.0, 5.0, 9.99, 10.0, 12.5, 15.0, 40.0, 200.0]))
     def advance(self, dt: float) -> None:
-        quarantined_before = self.model.quarantined
         self.clock.advance(dt)
         self.model.advance(dt)
-        if quarantined_before:
+        if self.model.quarantined and not self.model.recheck_due():
             assert self.breaker.state() is BreakerState.OPEN
 
     @rule()
@@ -254,7 +318,9 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_half_open_before_the_deadline(self) -> None:
-        if self.breaker.state() is BreakerState.HALF_OPEN and self.model.open_until:
+        if self.breaker.state() is BreakerState.HALF_OPEN and self.model.quarantined:
+            assert self.clock.now() >= self.model.recheck_at > 0  # a recheck, never early
+        elif self.breaker.state() is BreakerState.HALF_OPEN and self.model.open_until:
             assert self.clock.now() >= self.model.open_until
 
     @invariant()
@@ -262,8 +328,14 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.breaker.quarantined == self.model.quarantined
         if self.model.quarantined:
             snap = self.breaker.snapshot()
-            assert snap.admits_at is None
-            assert snap.next_transition_at is None
+            if not self.model.recheck_at:  # no way back but a reset
+                assert snap.admits_at is None
+                assert snap.next_transition_at is None
+            else:  # a recheck: never before its instant, on the doubling schedule
+                assert self.breaker.recheck_at == self.model.recheck_at
+                assert snap.admits_at is not None
+                assert snap.admits_at >= self.model.recheck_at
+            assert snap.open_reason in (OpenReason.REJECTED, OpenReason.QUOTA)
 
     @invariant()
     def counts_match(self) -> None:

@@ -327,6 +327,11 @@ def _all_configs(pool: KeyPool) -> dict[str, BreakerConfig]:
         {"timeout": 700},  # above every max_timeout
         {"bogus": 1},
         {"failure_threshold": 7, "jitter": 2.0},  # one good, one bad: neither applies
+        {"failure_threshold": True},  # as strict as the admin API: a bool is not a count
+        {"failure_threshold": "10"},
+        {"failure_threshold": 3.0},
+        {"timeout": "90"},
+        {"timeout": None},
     ],
 )
 def test_invalid_update_changes_nothing_anywhere(changes: dict[str, Any]) -> None:

@@ -1,0 +1,121 @@
+"""What a provider can take now: the frozen :class:`Capacity` answer and how its status is judged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Capacity", "CapacityStatus", "TierCapacity"]
+
+CapacityStatus = Literal["healthy", "degraded", "critical", "down"]
+
+
+@dataclass(frozen=True, slots=True)
+class TierCapacity:
+    """Counts for one tier of one provider."""
+
+    total: int
+    closed: int
+    half_open: int
+    open: int
+    throttled: int
+    quarantined: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """How much of a provider can take calls now, for code (the runbook asks Grafana the same).
+
+    ``open`` counts every key that refuses calls (tripped, throttled or quarantined); the latter two
+    are also counted on their own. ``healthy_share`` is the share of all keys that are closed.
+    ``status``: ``down`` when no key can take a call, ``critical`` when fewer than half the keys are
+    closed (the runbook's "majority open"), ``degraded`` when any key is not closed.
+    ``next_recovery_in`` is the number of seconds until the soonest key should be back, if known.
+    """
+
+    provider: str
+    total: int
+    closed: int
+    half_open: int
+    open: int
+    throttled: int
+    quarantined: int
+    in_flight: int
+    healthy_share: float
+    status: CapacityStatus
+    backup_active: bool
+    backup_forced: bool | None
+    next_recovery_in: float | None
+    primary: TierCapacity
+    backup: TierCapacity
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "status": self.status,
+            "total": self.total,
+            "closed": self.closed,
+            "half_open": self.half_open,
+            "open": self.open,
+            "throttled": self.throttled,
+            "quarantined": self.quarantined,
+            "in_flight": self.in_flight,
+            "healthy_share": round(self.healthy_share, 6),
+            "backup_active": self.backup_active,
+            "backup_forced": self.backup_forced,
+            "next_recovery_in": self.next_recovery_in,
+            "primary": _tier_dict(self.primary),
+            "backup": _tier_dict(self.backup),
+        }
+
+
+def _tier_dict(tier: TierCapacity) -> dict[str, int]:
+    return {name: getattr(tier, name) for name in TierCapacity.__slots__}
+
+
+def assess(
+    provider: str,
+    primary: TierCapacity,
+    backup: TierCapacity,
+    *,
+    any_eligible: bool,
+    backup_active: bool,
+    backup_forced: bool | None,
+    soon: float | None,
+) -> Capacity:
+    """Put a provider's tier counts together into one :class:`Capacity` with its status."""
+    total = primary.total + backup.total
+    closed = primary.closed + backup.closed
+    share = closed / total if total else 0.0
+    status: CapacityStatus
+    busy_only = primary.in_flight + backup.in_flight > 0 and (
+        closed + primary.half_open + backup.half_open > 0
+    )
+    if not any_eligible and not busy_only:
+        status = "down"
+    elif share < 0.5:  # the runbook's "majority open", the same line as the backup tier
+        status = "critical"
+    elif closed < total:
+        status = "degraded"
+    else:
+        status = "healthy"
+    throttled = primary.throttled + backup.throttled
+    quarantined = primary.quarantined + backup.quarantined
+    return Capacity(
+        provider=provider,
+        total=total,
+        closed=closed,
+        half_open=primary.half_open + backup.half_open,
+        open=primary.open + backup.open + throttled + quarantined,
+        throttled=throttled,
+        quarantined=quarantined,
+        in_flight=primary.in_flight + backup.in_flight,
+        healthy_share=share,
+        status=status,
+        backup_active=backup_active,
+        backup_forced=backup_forced,
+        next_recovery_in=None if soon is None else max(0.0, soon),
+        primary=primary,
+        backup=backup,
+    )

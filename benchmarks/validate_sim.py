@@ -117,7 +117,8 @@ async def flaky_key() -> None:
     counts = [len(simulate(scenario, seed).trips()) for seed in range(40)]
     mean, sd = statistics.fmean(counts), statistics.stdev(counts)
     print(
-        f"2. one key, {p:.0%} i.i.d. 503s, threshold 3, timeout 0.5 s, {elapsed:.1f} s at {requests / elapsed:.1f} req/s"
+        f"2. one key, {p:.0%} i.i.d. 503s, threshold 3, timeout 0.5 s, {elapsed:.1f} s, "
+        f"{requests / elapsed:.1f} req/s"
     )
     by_status = dict(upstream.counters(secret).by_status)
     print(f"   real:      {len(trips)} trips; upstream answered {by_status}")

@@ -46,7 +46,7 @@ class BreakerState(enum.IntEnum):
 
 
 class OpenReason(enum.StrEnum):
-    """Why a key is (or last was) out of service."""
+    """Why a key is out of service (snapshots report none once the breaker is closed again)."""
 
     FAILURES = "failures"  # failure_threshold consecutive failures
     TRIAL_FAILED = "trial_failed"  # a half-open trial failed
@@ -284,6 +284,13 @@ class CircuitBreaker:
         # While throttled over an open breaker, the visible state changes only when both passed.
         return max(candidates) if self._throttled_until > t else min(candidates)
 
+    def trial_slots_full(self, now: float | None = None) -> bool:
+        """Half-open with every trial slot held by a call in flight: busy, not down."""
+        t = self._clock() if now is None else now
+        if self.state(t) is not BreakerState.HALF_OPEN:
+            return False
+        return self.trials_in_flight(t) >= self._trial_cap()
+
     def trials_in_flight(self, now: float | None = None) -> int:
         t = self._clock() if now is None else now
         probing = self._state is BreakerState.HALF_OPEN or self._recheck_due(t)
@@ -301,7 +308,8 @@ class CircuitBreaker:
             failure_count=self._failures,
             success_count=0 if lazily_half_open else self._successes,
             trials_in_flight=self.trials_in_flight(t),
-            open_reason=self._open_reason,
+            # Why the key is out; a closed key is out for no reason, whatever it last tripped on.
+            open_reason=None if state is BreakerState.CLOSED else self._open_reason,
             quarantined=self._quarantined,
             throttled_until=self._throttled_until if self._throttled_until > t else None,
             next_transition_at=self.next_transition_at(t),

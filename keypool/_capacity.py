@@ -28,9 +28,12 @@ class Capacity:
     """How much of a provider can take calls now, for code (the runbook asks Grafana the same).
 
     ``open`` counts every key that refuses calls (tripped, throttled or quarantined); the latter two
-    are also counted on their own. ``healthy_share`` is the share of all keys that are closed.
-    ``status``: ``down`` when no key can take a call, ``critical`` when fewer than half the keys are
-    closed (the runbook's "majority open"), ``degraded`` when any key is not closed.
+    are also counted on their own. ``serving`` is the number of keys in the tiers that serve now
+    (the primaries, and the backups while ``backup_active``); ``healthy_share`` is the share of
+    those that are closed (idle backups are a reserve, not capacity). ``status``: ``down`` when no
+    key can take a call now nor when one in flight ends, ``critical`` when fewer than half the
+    serving keys are closed (the runbook's "majority open"), ``degraded`` when any serving key is
+    not closed or has failures counted. ``waiting`` is the number of callers queued for a key.
     ``next_recovery_in`` is the number of seconds until the soonest key should be back, if known.
     """
 
@@ -49,6 +52,8 @@ class Capacity:
     next_recovery_in: float | None
     primary: TierCapacity
     backup: TierCapacity
+    serving: int = 0
+    waiting: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +66,8 @@ class Capacity:
             "throttled": self.throttled,
             "quarantined": self.quarantined,
             "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "serving": self.serving,
             "healthy_share": round(self.healthy_share, 6),
             "backup_active": self.backup_active,
             "backup_forced": self.backup_forced,
@@ -79,24 +86,29 @@ def assess(
     primary: TierCapacity,
     backup: TierCapacity,
     *,
-    any_eligible: bool,
+    can_serve: bool,
+    failing: bool,
     backup_active: bool,
     backup_forced: bool | None,
     soon: float | None,
+    waiting: int,
 ) -> Capacity:
-    """Put a provider's tier counts together into one :class:`Capacity` with its status."""
-    total = primary.total + backup.total
-    closed = primary.closed + backup.closed
-    share = closed / total if total else 0.0
+    """Put a provider's tier counts together into one :class:`Capacity` with its status.
+
+    Only the tiers that serve now count toward ``healthy_share``: idle backup keys are in reserve,
+    not capacity. ``can_serve`` is whether a call can be leased now or as soon as one in flight
+    ends; ``failing`` whether a serving key has failures counted that have not tripped it yet.
+    """
+    serving = [primary, backup] if backup_active else [primary]
+    serving_total = sum(t.total for t in serving)
+    serving_closed = sum(t.closed for t in serving)
+    share = serving_closed / serving_total if serving_total else 0.0
     status: CapacityStatus
-    busy_only = primary.in_flight + backup.in_flight > 0 and (
-        closed + primary.half_open + backup.half_open > 0
-    )
-    if not any_eligible and not busy_only:
+    if not can_serve:
         status = "down"
     elif share < 0.5:  # the runbook's "majority open", the same line as the backup tier
         status = "critical"
-    elif closed < total:
+    elif serving_closed < serving_total or failing:
         status = "degraded"
     else:
         status = "healthy"
@@ -104,8 +116,8 @@ def assess(
     quarantined = primary.quarantined + backup.quarantined
     return Capacity(
         provider=provider,
-        total=total,
-        closed=closed,
+        total=primary.total + backup.total,
+        closed=primary.closed + backup.closed,
         half_open=primary.half_open + backup.half_open,
         open=primary.open + backup.open + throttled + quarantined,
         throttled=throttled,
@@ -118,4 +130,6 @@ def assess(
         next_recovery_in=None if soon is None else max(0.0, soon),
         primary=primary,
         backup=backup,
+        serving=serving_total,
+        waiting=waiting,
     )

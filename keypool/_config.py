@@ -193,6 +193,26 @@ class ProviderConfig(_Model):
         le=60.0,
         description="seconds a new key carries one call at a time until its first success",
     )
+    max_wait: float = Field(
+        5.0,
+        ge=0.0,
+        le=86_400.0,
+        description="seconds a caller may wait for a down provider's soonest recovery (a short "
+        "Retry-After) before it is refused at once; a busy provider is waited for up to the deadline",
+    )
+    incident_window: float = Field(
+        60.0,
+        ge=0.0,
+        le=86_400.0,
+        description="every key refused (401/403/402) within this many seconds is a provider "
+        "incident: the keys are re-verified on a backoff schedule instead of staying quarantined",
+    )
+    recheck_after: float = Field(
+        30.0,
+        gt=0.0,
+        le=86_400.0,
+        description="seconds before a key refused in a provider incident is first re-verified",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ProviderConfig:

@@ -16,6 +16,7 @@ Messages never contain a key's secret: keys are named by their ``key_id`` only.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "ConfigError",
@@ -69,20 +70,55 @@ class UnknownKeyError(KeyPoolError, LookupError):
 class NoKeyAvailable(KeyPoolError):
     """No key of ``provider`` can take a call now, nor before the caller's deadline.
 
-    ``retry_after`` is the number of seconds until the soonest key is expected back, or ``None``
-    when no key will come back by itself (all quarantined: an operator must reset or rotate).
+    ``reason`` says why: ``open`` (keys tripped by failures), ``throttled`` (429), ``rejected``
+    (401), ``forbidden`` (403), ``quota`` (402), ``manual`` (taken out by an operator), ``busy``
+    (every key is at its limit of calls in flight and the deadline came first), ``no_keys``,
+    ``load_shed`` or ``budget`` (the request's attempts or deadline were spent). ``retry_after`` is
+    the number of seconds until the soonest key is expected back, or ``None`` when no key will come
+    back by itself (all quarantined: an operator must reset or rotate). ``request`` is the HTTP
+    request that was refused, when there was one.
     """
 
-    def __init__(self, provider: str, retry_after: float | None, detail: str = "") -> None:
+    def __init__(
+        self,
+        provider: str,
+        retry_after: float | None,
+        detail: str = "",
+        *,
+        reason: str = "unavailable",
+        request: Any = None,
+    ) -> None:
         self.provider = provider
         self.retry_after = retry_after
-        when = (
-            f"retry in {retry_after:.3f} s"
-            if retry_after is not None
-            else "no key recovers by itself (reset or rotate keys)"
-        )
-        extra = f" ({detail})" if detail else ""
-        super().__init__(f"no key of provider {provider!r} can take a call{extra}; {when}")
+        self.reason = reason
+        self.detail = detail
+        self.request = request
+        super().__init__(refusal_message(provider, retry_after, detail, reason))
+
+
+_WHY = {
+    "open": "its keys are open after failures",
+    "throttled": "its keys are rate-limited",
+    "rejected": "its keys were rejected (401)",
+    "forbidden": "its keys were refused access (403)",
+    "quota": "its keys have no balance or quota left (402)",
+    "manual": "its keys were taken out by an operator",
+    "busy": "every key is busy with calls in flight",
+    "no_keys": "it has no keys",
+}
+
+
+def refusal_message(provider: str, retry_after: float | None, detail: str, reason: str) -> str:
+    """The one-line text of a refusal: which provider, why, and when to retry."""
+    when = (
+        f"retry in {retry_after:.3f} s"
+        if retry_after is not None
+        else "no key recovers by itself (reset or rotate keys)"
+    )
+    why = _WHY.get(reason)
+    extra = "; ".join(part for part in (why, detail) if part)
+    extra = f" ({extra})" if extra else ""
+    return f"no key of provider {provider!r} can take a call{extra}; {when}"
 
 
 class LoadShed(NoKeyAvailable):

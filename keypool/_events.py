@@ -14,6 +14,7 @@ from ._breaker import BreakerState
 from ._outcome import OutcomeKind
 
 __all__ = [
+    "REFUSAL_REASONS",
     "BackupTierChanged",
     "CallRecorded",
     "CallRejected",
@@ -47,9 +48,25 @@ class CallRecorded:
     trial: bool
 
 
+#: Why a call is refused before it reaches a key (``CallRejected.reason``; see ``NoKeyAvailable``).
+REFUSAL_REASONS: tuple[str, ...] = (
+    "open",
+    "throttled",
+    "rejected",
+    "forbidden",
+    "quota",
+    "manual",
+    "busy",
+    "no_keys",
+    "budget",
+    "load_shed",
+    "probe_skipped",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class CallRejected:
-    """A call was refused before reaching any key (``breaker_open``, ``load_shed``, ``probe_skipped``)."""
+    """A call was refused before reaching any key; ``reason`` is one of :data:`REFUSAL_REASONS`."""
 
     provider: str
     reason: str

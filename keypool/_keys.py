@@ -9,12 +9,17 @@ tier's counts by state and the provider's heap of timed wake-ups are derived fro
 from __future__ import annotations
 
 import heapq
+from collections import deque
+from typing import TYPE_CHECKING
 
 from ._breaker import BreakerState, CircuitBreaker
 from ._capacity import TierCapacity
 from ._config import KeySpec, ProviderConfig, Tier
 from ._events import BackupTierChanged, KeyStateChanged, PoolEvent
 from ._sampler import WeightedSampler
+
+if TYPE_CHECKING:
+    from ._waiting import Waiter
 
 __all__ = ["CATEGORIES", "KeyState", "ProviderState", "TierState"]
 
@@ -27,14 +32,19 @@ _heap_seq = iter(range(1 << 62))
 class KeyState:
     __slots__ = (
         "breaker",
+        "busy",
         "category",
         "eligible",
+        "failing",
         "id",
         "in_flight",
         "index",
         "probation_until",
         "proven",
         "provider",
+        "quarantine_kind",
+        "quarantined_at",
+        "rejected_status",
         "removed",
         "scheduled_at",
         "shared_failures",
@@ -58,6 +68,11 @@ class KeyState:
         self.shared_failures = 0  # consecutive failures all pools together have seen (shared store)
         self.proven = False  # no success yet: on probation (one call at a time, briefly)
         self.probation_until: float | None = None
+        self.busy = False  # can take no call now, but will when one of its calls ends
+        self.failing = False  # closed, with consecutive failures counted
+        self.quarantine_kind: str | None = None  # while counted as quarantined: why (a refusal reason)
+        self.rejected_status = 401  # the status of the last rejection (403 is "forbidden")
+        self.quarantined_at = 0.0  # when the key was last counted as quarantined
         self.index = self.tier.sampler.append(0)
         self.tier.keys.append(self)
         self.tier.counts["closed"] += 1
@@ -81,6 +96,39 @@ class KeyState:
             and now < self.probation_until
             and self.breaker.state(now) is BreakerState.CLOSED  # trials have their own limit
         )
+
+    def refusal_kind(self, now: float) -> str:
+        """Why this key cannot serve, as a refusal reason (``open``, ``throttled``, ``rejected``...)."""
+        category = self.category_at(now)
+        if category == "quarantined":
+            reason = self.breaker.quarantine_reason or "manual"
+            if reason == "rejected" and self.rejected_status == 403:
+                return "forbidden"
+            return reason
+        return category if category in ("open", "throttled") else "busy"
+
+    def _load_blocked(self, now: float) -> bool:
+        """Whether only calls in flight keep the key from taking one (it is busy, not down)."""
+        b = self.breaker
+        return b.can_admit(now) or b.trial_slots_full(now)
+
+    def _count(self, busy: bool, failing: bool, kind: str | None) -> None:
+        """Keep the tier's busy, failing and quarantine counts in step with this key."""
+        tier = self.tier
+        if busy != self.busy:
+            tier.busy += 1 if busy else -1
+            if self.busy and not busy and not self.eligible:
+                self.provider.replan = True  # waiters counting on this key must think again
+            self.busy = busy
+        if failing != self.failing:
+            tier.failing += 1 if failing else -1
+            self.failing = failing
+        if kind != self.quarantine_kind:
+            if self.quarantine_kind is not None:
+                tier.quarantine_kinds[self.quarantine_kind] -= 1
+            if kind is not None:
+                tier.quarantine_kinds[kind] = tier.quarantine_kinds.get(kind, 0) + 1
+            self.quarantine_kind = kind
 
     def admits(self, now: float) -> bool:
         if self.removed or not self.breaker.can_admit(now):
@@ -109,6 +157,8 @@ class KeyState:
                 self.eligible = weight
             if not weight and self.on_probation(now) and self.probation_until is not None:
                 self.schedule(self.probation_until)
+            if not self.removed:  # closed: a key that admits no call is only held by its load
+                self._count(not weight, breaker.failure_count > 0, None)
             return
         breaker.poll()
         for t in breaker.drain_transitions():
@@ -118,6 +168,7 @@ class KeyState:
                 self.tier.sampler.set(self.index, 0)
                 self.eligible = 0
             self.scheduled_at = None
+            self._count(False, False, None)
             return
         weight = self.units if self.admits(now) else 0
         if weight != self.eligible:
@@ -127,7 +178,14 @@ class KeyState:
         if category != self.category:
             self.tier.counts[self.category] -= 1
             self.tier.counts[category] += 1
+            if category == "quarantined" and self.category != "half_open":  # not a recheck's end
+                self.quarantined_at = now
             self.category = category
+        self._count(
+            not weight and self._load_blocked(now),
+            category == "closed" and breaker.failure_count > 0,
+            self.refusal_kind(now) if category == "quarantined" else None,
+        )
         wake = breaker.next_transition_at(now)
         if now < breaker.throttled_until and (wake is None or breaker.throttled_until < wake):
             wake = breaker.throttled_until  # throttled -> open: the same state, another category
@@ -149,7 +207,7 @@ class KeyState:
 
 
 class TierState:
-    __slots__ = ("counts", "in_flight", "keys", "name", "sampler")
+    __slots__ = ("busy", "counts", "failing", "in_flight", "keys", "name", "quarantine_kinds", "sampler")
 
     def __init__(self, name: Tier) -> None:
         self.name = name
@@ -157,6 +215,9 @@ class TierState:
         self.sampler = WeightedSampler()
         self.counts = dict.fromkeys(CATEGORIES, 0)
         self.in_flight = 0
+        self.busy = 0  # keys that take a call again as soon as one of theirs ends
+        self.failing = 0  # closed keys with consecutive failures counted
+        self.quarantine_kinds: dict[str, int] = {}  # quarantined keys by refusal reason
 
     def capacity(self) -> TierCapacity:
         return TierCapacity(
@@ -171,7 +232,18 @@ class TierState:
 
 
 class ProviderState:
-    __slots__ = ("backup_active", "backup_forced", "config", "heap", "keys", "name", "tiers")
+    __slots__ = (
+        "backup_active",
+        "backup_forced",
+        "config",
+        "heap",
+        "keys",
+        "name",
+        "replan",
+        "tiers",
+        "waiters",
+        "waiting",
+    )
 
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
@@ -181,6 +253,9 @@ class ProviderState:
         self.heap: list[tuple[float, int, KeyState]] = []
         self.backup_forced: bool | None = None
         self.backup_active = False
+        self.waiters: deque[Waiter] = deque()  # callers queued for a key, first come first served
+        self.waiting = 0  # callers in the queue now (the queue may still hold some that left)
+        self.replan = False  # a key the waiters counted on stopped being busy without serving
 
     def wake(self, now: float, events: list[PoolEvent]) -> None:
         """Refresh every key whose scheduled instant has come."""
@@ -192,6 +267,13 @@ class ProviderState:
             key.scheduled_at = None
             key.refresh(now, events)
         self.update_backup(events)
+
+    def serving_tiers(self) -> list[TierState]:
+        """The tiers keys are drawn from now: primary, and backup while it is active."""
+        backup = self.tiers["backup"]
+        if backup.keys and self.backup_active:
+            return [self.tiers["primary"], backup]
+        return [self.tiers["primary"]]
 
     def next_wake(self) -> float | None:
         """The soonest live scheduled instant of the keys, dropping stale heap entries."""

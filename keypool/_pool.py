@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,9 @@ from ._events import CallRecorded, CallRejected, Hook, KeyStateChanged, PoolEven
 from ._keys import KeyState, ProviderState
 from ._lease import Lease
 from ._outcome import Outcome, OutcomeKind
-from ._selection import pick, soonest
+from ._selection import pick
+from ._waiting import Plan, Waiter, soonest_timer, wait_async, wait_sync
+from ._waiting import plan as plan_for
 from .store._base import SharedStore, SharedView
 from .store._model import Op
 
@@ -40,7 +43,7 @@ __all__ = ["Capacity", "CapacityStatus", "KeyPool", "Lease", "TierCapacity"]
 
 log = logging.getLogger("keypool")
 
-_BUSY_POLL = 0.005  # seconds between looks when every key is merely busy (no known instant)
+_BUSY_POLL = 0.005  # seconds between looks while a trial slot is held by another process
 
 
 class KeyPool:
@@ -128,22 +131,32 @@ class KeyPool:
     def add_key(self, provider: str, key: KeySpec | str) -> str:
         """Add a key at run time; returns its id."""
         spec = key if isinstance(key, KeySpec) else KeySpec(secret=SecretStr(key))
+        events: list[PoolEvent] = []
         with self._lock:
             prov = self._provider(provider)
             if spec.id in prov.keys and not prov.keys[spec.id].removed:
                 raise ConfigError(f"key id {spec.id!r} already exists for provider {provider!r}")
             self._add_key(prov, spec)
+            if prov.waiters:
+                self._serve(prov, self._now(), events)
+        self._emit(events)
         return spec.id
 
     def remove_key(self, provider: str, key_id: str) -> None:
         """Stop routing to a key. Calls already holding it finish normally."""
+        events: list[PoolEvent] = []
         with self._lock:
             key = self._key(provider, key_id)
             key.removed = True
-            key.refresh(self._now(), [])
+            now = self._now()
+            key.refresh(now, events)
             key.tier.counts[key.category] -= 1
             key.category = "removed"
             del key.provider.keys[key_id]
+            if key.provider.waiters:  # callers waiting for this key must think again
+                key.provider.replan = True
+                self._serve(key.provider, now, events)
+        self._emit(events)
 
     def _add_key(self, prov: ProviderState, spec: KeySpec) -> None:
         breaker = CircuitBreaker(prov.config.breaker, clock=self._now, rng=self._rng.random)
@@ -201,45 +214,232 @@ class KeyPool:
                 except Exception:
                     log.exception("keypool hook %r failed on %s", hook, type(event).__name__)
 
-    # ------------------------------------------------------------------ bookkeeping (lock held)
-
-    # ------------------------------------------------------------------ selection
+    # ------------------------------------------------------------------ leasing
 
     def try_acquire(self, provider: str, *, exclude: Iterable[str] = ()) -> Lease:
-        """Lease a key now, or raise :class:`NoKeyAvailable` (never waits)."""
+        """Lease a key now, or raise :class:`NoKeyAvailable` with the reason (never waits)."""
         excluded = frozenset(exclude)
-        lease, _soon, _busy = self._take(provider, excluded)
-        if lease is None:
-            self._refuse(provider, excluded)
-            # ``None`` means "never by itself": a merely busy pool frees up shortly.
-            raise NoKeyAvailable(provider, _BUSY_POLL if _soon is None and _busy else _soon)
-        return lease
-
-    def _take(self, provider: str, exclude: frozenset[str]) -> tuple[Lease | None, float | None, bool]:
-        """:meth:`_try`, plus a shared trial slot for half-open keys when a store is shared."""
         contested = False
         while True:
-            lease, soon, busy = self._try(provider, exclude)
-            if lease is None:  # keys whose trials run elsewhere free up soon: that is busy
-                return None, soon, busy or contested
-            if self._claimed(lease):
-                return lease, soon, busy
-            exclude, contested = exclude | {lease.key_id}, True
-
-    async def _take_async(
-        self, provider: str, exclude: frozenset[str]
-    ) -> tuple[Lease | None, float | None, bool]:
-        """:meth:`_take` for the event loop: a store's claim runs in a worker thread."""
-        contested = False
-        while True:
-            lease, soon, busy = self._try(provider, exclude)
+            lease, plan = self._attempt(provider, excluded, None, self._now(), 0.0, contested)
             if lease is None:
-                return None, soon, busy or contested
-            if self._store is None or not lease.trial:
-                return lease, soon, busy
-            if await anyio.to_thread.run_sync(self._claimed, lease):
-                return lease, soon, busy
-            exclude, contested = exclude | {lease.key_id}, True
+                assert plan is not None
+                raise self._refusal(provider, plan, excluded)
+            if self._claimed(lease):
+                return lease
+            excluded, contested = excluded | {lease.key_id}, True
+
+    async def acquire(
+        self,
+        provider: str,
+        *,
+        timeout: float | None = None,
+        exclude: Iterable[str] = (),
+        max_wait: float | None = None,
+    ) -> Lease:
+        """Lease a key, waiting inside ``timeout`` seconds (``None``: no deadline) when it helps.
+
+        A *busy* provider (a key frees up when a call in flight ends) queues the caller, first
+        come first served, until a key is handed to it or the deadline passes. A *down* provider
+        (nothing serves until a timer or an operator acts) is waited for only if the soonest
+        recovery is at most ``max_wait`` seconds away (``None``: the provider's ``max_wait``;
+        ``math.inf``: any recovery inside the deadline). Otherwise :class:`NoKeyAvailable` is raised
+        at once, saying why (``reason``) and when to retry (``retry_after``). Keys in ``exclude``
+        are neither leased nor waited for.
+        """
+        excluded = frozenset(exclude)
+        deadline, limit = self._limits(provider, timeout, max_wait)
+        waiter: Waiter | None = None
+        contested = False
+        try:
+            while True:
+                lease, plan = self._attempt(provider, excluded, waiter, deadline, limit, contested)
+                if lease is not None:
+                    if self._store is None or not lease.trial:
+                        return lease
+                    if await anyio.to_thread.run_sync(self._claimed, lease):
+                        return lease
+                    excluded, contested = excluded | {lease.key_id}, True
+                    waiter = None  # the waiter was served; a new one excludes the contested key
+                    continue
+                assert plan is not None
+                if not plan.wait:
+                    raise self._refusal(provider, plan, excluded)
+                if waiter is None:  # join the queue atomically with the next look, missing no wake
+                    waiter = Waiter(excluded, sync=False)
+                    continue
+                await wait_async(self._clock, waiter, self._wait_time(plan, contested), timer=plan.timer)
+        except BaseException:
+            if waiter is not None:
+                self._abandon(provider, waiter)
+            raise
+
+    def acquire_sync(
+        self,
+        provider: str,
+        *,
+        timeout: float | None = None,
+        exclude: Iterable[str] = (),
+        max_wait: float | None = None,
+    ) -> Lease:
+        """:meth:`acquire` for threads: blocks the calling thread while it waits."""
+        excluded = frozenset(exclude)
+        deadline, limit = self._limits(provider, timeout, max_wait)
+        waiter: Waiter | None = None
+        contested = False
+        try:
+            while True:
+                lease, plan = self._attempt(provider, excluded, waiter, deadline, limit, contested)
+                if lease is not None:
+                    if self._claimed(lease):
+                        return lease
+                    excluded, contested = excluded | {lease.key_id}, True
+                    waiter = None
+                    continue
+                assert plan is not None
+                if not plan.wait:
+                    raise self._refusal(provider, plan, excluded)
+                if waiter is None:
+                    waiter = Waiter(excluded, sync=True)
+                    continue
+                wait_sync(self._clock, waiter, self._wait_time(plan, contested), timer=plan.timer)
+        except BaseException:
+            if waiter is not None:
+                self._abandon(provider, waiter)
+            raise
+
+    def _limits(
+        self, provider: str, timeout: float | None, max_wait: float | None
+    ) -> tuple[float | None, float]:
+        if timeout is not None and not timeout >= 0:
+            raise ConfigError(f"timeout: must be >= 0 seconds or None (got {timeout})")
+        if max_wait is not None and not max_wait >= 0:
+            raise ConfigError(f"max_wait: must be >= 0 seconds or None (got {max_wait})")
+        with self._lock:
+            limit = self._provider(provider).config.max_wait if max_wait is None else max_wait
+        return (None if timeout is None else self._now() + timeout), limit
+
+    def _wait_time(self, plan: Plan, contested: bool) -> float | None:
+        wait = None if plan.until is None else max(0.0, plan.until - self._now())
+        if contested:  # a trial slot held by another process: the store says when it frees, or poll
+            wait = _BUSY_POLL if wait is None else min(wait, _BUSY_POLL)
+        return wait
+
+    def _attempt(
+        self,
+        provider: str,
+        exclude: frozenset[str],
+        waiter: Waiter | None,
+        deadline: float | None,
+        max_wait: float,
+        contested: bool,
+    ) -> tuple[Lease | None, Plan | None]:
+        """Under the lock: the lease handed to ``waiter``, or one free now, or what to do next.
+
+        A waiter that must wait joins the provider's queue here (and gets a fresh signal), in the
+        same critical section that found no key, so a slot freed a moment later reaches it.
+        """
+        events: list[PoolEvent] = []
+        with self._lock:
+            prov = self._provider(provider)
+            now = self._now()
+            self._settle(prov, now, events)
+            lease = None
+            if waiter is not None and waiter.lease is not None:
+                lease, waiter.lease = waiter.lease, None
+            elif waiter is None or not waiter.queued:
+                lease = self._lease_from(prov, now, exclude, events)
+            plan = None
+            if lease is None:
+                plan = plan_for(prov, now, exclude, deadline, max_wait, contested)
+                if waiter is not None:
+                    if plan.wait:
+                        if not waiter.queued:
+                            waiter.queued = True
+                            prov.waiters.append(waiter)
+                            prov.waiting += 1
+                        waiter.arm()
+                    else:
+                        self._dequeue(prov, waiter)
+        if events:
+            self._emit(events)
+        return lease, plan
+
+    def _lease_from(
+        self, prov: ProviderState, now: float, exclude: frozenset[str], events: list[PoolEvent]
+    ) -> Lease | None:
+        """Pick a key and take a permit from its breaker (lock held)."""
+        for _ in range(4):
+            key = pick(prov, exclude, self._rng)
+            if key is None:
+                return None
+            permit = key.breaker.try_acquire()
+            if permit is None:  # out of step with the sampler: fix it and draw again
+                key.refresh(now, events)
+                continue
+            key.in_flight += 1
+            key.tier.in_flight += 1
+            if not key.proven and key.probation_until is None:
+                key.probation_until = now + prov.config.probation
+            key.refresh(now, events)
+            return Lease(self, key, permit, now)
+        return None
+
+    def _settle(self, prov: ProviderState, now: float, events: list[PoolEvent]) -> None:
+        """Apply what time has done to the provider's keys, then serve its queue (lock held)."""
+        prov.wake(now, events)
+        if prov.waiters:
+            self._serve(prov, now, events)
+
+    def _serve(self, prov: ProviderState, now: float, events: list[PoolEvent]) -> None:
+        """Hand free keys to queued callers in arrival order; wake the rest to think again if a
+        key they counted on went out (lock held)."""
+        waiters = prov.waiters
+        kept: deque[Waiter] = deque()
+        while waiters:
+            if not any(t.sampler.total for t in prov.serving_tiers()):
+                break  # nothing to hand out: everyone keeps their place
+            waiter = waiters.popleft()
+            if waiter.gone:
+                continue
+            lease = self._lease_from(prov, now, waiter.exclude, events)
+            if lease is None:  # every free key is one this caller will not take
+                kept.append(waiter)
+                continue
+            waiter.lease = lease
+            self._dequeue(prov, waiter)
+            waiter.wake()
+        kept.extend(w for w in waiters if not w.gone)
+        prov.waiters = kept
+        if prov.replan:
+            prov.replan = False
+            for waiter in kept:
+                waiter.wake()
+
+    @staticmethod
+    def _dequeue(prov: ProviderState, waiter: Waiter) -> None:
+        """Take a waiter out of the count (its queue entry is dropped when next passed)."""
+        if waiter.queued and not waiter.gone:
+            waiter.gone = True
+            prov.waiting -= 1
+
+    def _abandon(self, provider: str, waiter: Waiter) -> None:
+        """A waiter leaves (cancelled, timed out, refused): give back a lease it never used."""
+        with self._lock:
+            prov = self._providers.get(provider)
+            lease, waiter.lease = waiter.lease, None
+            if prov is not None:
+                self._dequeue(prov, waiter)
+            waiter.gone = True
+        if lease is not None:
+            lease.release()
+
+    def _refusal(self, provider: str, plan: Plan, excluded: frozenset[str]) -> NoKeyAvailable:
+        """The error for a caller no key can serve; counted unless the call already reached keys
+        (a failover that ran out of them is not a refusal)."""
+        if not excluded:
+            self._emit([CallRejected(provider, plan.reason)])
+        return NoKeyAvailable(provider, plan.retry_after, reason=plan.reason)
 
     def _claimed(self, lease: Lease) -> bool:
         """Whether a trial lease holds a slot in the shared store too (always, without a store)."""
@@ -250,33 +450,6 @@ class KeyPool:
             return True
         lease.release()
         return False
-
-    def _try(self, provider: str, exclude: frozenset[str]) -> tuple[Lease | None, float | None, bool]:
-        events: list[PoolEvent] = []
-        with self._lock:
-            prov = self._provider(provider)
-            now = self._now()
-            prov.wake(now, events)
-            lease: Lease | None = None
-            for _ in range(4):
-                key = pick(prov, exclude, self._rng)
-                if key is None:
-                    break
-                permit = key.breaker.try_acquire()
-                if permit is None:  # out of step with the sampler: fix it and draw again
-                    key.refresh(now, events)
-                    continue
-                key.in_flight += 1
-                key.tier.in_flight += 1
-                if not key.proven and key.probation_until is None:
-                    key.probation_until = now + prov.config.probation
-                key.refresh(now, events)
-                lease = Lease(self, key, permit, now)
-                break
-            soon, busy = (None, False) if lease else soonest(prov, now, exclude)
-        if events:
-            self._emit(events)
-        return lease, soon, busy
 
     def try_acquire_key(self, provider: str, key_id: str) -> Lease | None:
         """Lease one named key if its breaker admits a call now, else ``None`` (health probes).
@@ -300,60 +473,6 @@ class KeyPool:
     def note_rejected(self, provider: str, reason: str, key_id: str | None = None) -> None:
         """Tell observers a call was refused before reaching a key (e.g. ``load_shed``, ``probe_skipped``)."""
         self._emit([CallRejected(provider, reason, key_id)])
-
-    def _wait_plan(
-        self,
-        provider: str,
-        soon: float | None,
-        busy: bool,
-        deadline: float | None,
-        excluded: frozenset[str],
-    ) -> float:
-        """How long to sleep before trying again, or raise if the deadline does not allow it."""
-        now = self._now()
-        if soon is None and not busy:
-            self._refuse(provider, excluded)
-            raise NoKeyAvailable(provider, None)
-        wait = max(soon, 0.0) if soon is not None else _BUSY_POLL
-        if busy and soon is not None:
-            wait = min(wait, _BUSY_POLL)
-        if deadline is not None and now + wait > deadline:
-            self._refuse(provider, excluded)
-            raise NoKeyAvailable(provider, max(soon, 0.0) if soon is not None else wait)
-        return wait
-
-    def _refuse(self, provider: str, excluded: Iterable[str]) -> None:
-        """Count a refusal, unless the call already reached keys (failover ran out of them)."""
-        if not excluded:
-            self._emit([CallRejected(provider, "breaker_open")])
-
-    async def acquire(
-        self, provider: str, *, timeout: float | None = None, exclude: Iterable[str] = ()
-    ) -> Lease:
-        """Lease a key, waiting up to ``timeout`` seconds (``None``: no limit) for one to recover.
-
-        Waits only when a key is expected back inside the deadline (or is merely busy); otherwise
-        raises :class:`NoKeyAvailable` at once with ``retry_after``.
-        """
-        excluded = frozenset(exclude)
-        deadline = None if timeout is None else self._now() + timeout
-        while True:
-            lease, soon, busy = await self._take_async(provider, excluded)
-            if lease is not None:
-                return lease
-            await self._clock.sleep(self._wait_plan(provider, soon, busy, deadline, excluded))
-
-    def acquire_sync(
-        self, provider: str, *, timeout: float | None = None, exclude: Iterable[str] = ()
-    ) -> Lease:
-        """:meth:`acquire` for threads: blocks the calling thread while it waits."""
-        excluded = frozenset(exclude)
-        deadline = None if timeout is None else self._now() + timeout
-        while True:
-            lease, soon, busy = self._take(provider, excluded)
-            if lease is not None:
-                return lease
-            self._clock.sleep_sync(self._wait_plan(provider, soon, busy, deadline, excluded))
 
     def _record(self, lease: Lease, permit: Permit, outcome: Outcome, started: float) -> None:
         events: list[PoolEvent] = []
@@ -379,6 +498,7 @@ class KeyPool:
                 until = breaker.throttle(outcome.retry_after, permit)
                 share = ("throttle", max(0, round((until - now) * 1000)), "")
             elif kind is OutcomeKind.REJECTED:
+                key.rejected_status = outcome.status or 401
                 breaker.quarantine(OpenReason.REJECTED, permit)
                 share = ("quarantine", 0, OpenReason.REJECTED.value)
             elif kind is OutcomeKind.EXHAUSTED:
@@ -390,7 +510,12 @@ class KeyPool:
             key.in_flight -= 1
             key.tier.in_flight -= 1
             key.refresh(now, events)
-            key.provider.update_backup(events)
+            prov = key.provider
+            if kind in (OutcomeKind.REJECTED, OutcomeKind.EXHAUSTED):
+                self._check_incident(prov, now, events)
+            prov.update_backup(events)
+            if prov.waiters:
+                self._serve(prov, now, events)
         events.append(
             CallRecorded(lease.provider, key.id, outcome.kind, outcome.status, now - started, permit.trial)
         )
@@ -398,6 +523,30 @@ class KeyPool:
             op, arg, reason = share
             self._store.submit(lease.provider, key.id, op, config, token=token, arg=arg, reason=reason)
         self._emit(events)
+
+    def _check_incident(self, prov: ProviderState, now: float, events: list[PoolEvent]) -> None:
+        """Every key refused (401/403/402) within ``incident_window``: a provider incident (an auth
+        or billing outage), not a verdict on each key. The keys stay out but are re-verified, each
+        by one trial on a backoff schedule; each key that answers comes back (lock held)."""
+        config = prov.config
+        live = [k for k in prov.keys.values() if not k.removed]
+        if not live or any(k.category != "quarantined" for k in live):
+            return
+        fresh = [k for k in live if k.breaker.recheck_at is None]
+        if not fresh or any(k.quarantine_kind not in ("rejected", "forbidden", "quota") for k in fresh):
+            return  # an operator's quarantine is a decision, not an incident
+        if any(now - k.quarantined_at > config.incident_window for k in fresh):
+            return  # refused over a long time: these are verdicts on the keys
+        for key in fresh:  # spread the rechecks so the keys are not all probed at once
+            key.breaker.schedule_recheck(config.recheck_after * (1.0 + 0.5 * self._rng.random()))
+            key.refresh(now, events)
+        log.warning(
+            "keypool provider=%s: every key was refused within %.0f s; treating it as a provider "
+            "incident and re-verifying the keys from %.0f s on",
+            prov.name,
+            config.incident_window,
+            config.recheck_after,
+        )
 
     def adopt_shared(self, provider: str, key_id: str, view: SharedView) -> None:
         """Take on a key's state as a shared store reports it (other pools' decisions)."""
@@ -417,8 +566,11 @@ class KeyPool:
                 failures=view.failures,
                 successes=view.successes,
             )
-            key.refresh(self._now(), events)
+            now = self._now()
+            key.refresh(now, events)
             prov.update_backup(events)
+            if prov.waiters:
+                self._serve(prov, now, events)
         self._emit(events)
 
     def shared_views(self) -> list[tuple[str, str, SharedView]]:
@@ -464,6 +616,8 @@ class KeyPool:
                 prov.wake(now, events)
                 for key in prov.keys.values():
                     key.refresh(now, events)
+                if prov.waiters:
+                    self._serve(prov, now, events)
         self._emit(events)
 
     def capacity(self, provider: str) -> Capacity:
@@ -471,25 +625,29 @@ class KeyPool:
         with self._lock:
             prov = self._provider(provider)
             now = self._now()
-            prov.wake(now, events)
+            self._settle(prov, now, events)
+            serving = prov.serving_tiers()
             primary = prov.tiers["primary"].capacity()
             backup = prov.tiers["backup"].capacity()
-            wake = prov.next_wake()
-            soon = None if wake is None else wake - now
-            any_eligible = prov.tiers["primary"].sampler.total > 0 or (
-                prov.backup_active and prov.tiers["backup"].sampler.total > 0
-            )
+            timer = soonest_timer(prov, frozenset())
+            soon = None if timer is None else timer[0] - now
+            any_eligible = any(t.sampler.total > 0 for t in serving)
+            busy = any(t.busy for t in serving)
+            failing = any(t.failing for t in serving)
+            active = len(serving) > 1
             forced = prov.backup_forced
-            active = prov.backup_active
+            waiting = prov.waiting
         self._emit(events)
         return assess(
             provider,
             primary,
             backup,
-            any_eligible=any_eligible,
+            can_serve=any_eligible or busy,
+            failing=failing,
             backup_active=active,
             backup_forced=forced,
             soon=soon,
+            waiting=waiting,
         )
 
     def _key_stats(self, key: KeyState, now: float) -> dict[str, Any]:
@@ -562,6 +720,8 @@ class KeyPool:
                     shared.append((key.provider.name, key.id, key.breaker.config))
             for prov in self._providers.values():
                 prov.update_backup(events)
+                if prov.waiters:  # a reset or a new config may free keys for queued callers
+                    self._serve(prov, now, events)
         if share is not None and self._store is not None:
             op, reason = share
             for provider, key_id, config in shared:  # outside the lock, like every store call
@@ -630,6 +790,8 @@ class KeyPool:
             prov = self._provider(provider)
             prov.backup_forced = active
             prov.update_backup(events)
+            if prov.waiters:
+                self._serve(prov, self._now(), events)
         self._emit(events)
 
     def __repr__(self) -> str:

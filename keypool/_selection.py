@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from ._keys import KeyState, ProviderState
+from ._keys import KeyState, ProviderState, TierState
 
-__all__ = ["pick", "soonest"]
+__all__ = ["pick"]
 
 
 def pick(prov: ProviderState, exclude: frozenset[str], rng: random.Random) -> KeyState | None:
@@ -16,10 +16,7 @@ def pick(prov: ProviderState, exclude: frozenset[str], rng: random.Random) -> Ke
     idle first draw cannot be beaten, so it skips the second. Backups are drawn only while their
     tier is active.
     """
-    tiers = [prov.tiers["primary"]]
-    backup = prov.tiers["backup"]
-    if backup.keys and prov.backup_active:  # backups serve only when their tier is active
-        tiers.append(backup)
+    tiers = prov.serving_tiers()  # backups serve only while their tier is active
     totals = [t.sampler.total for t in tiers]
     grand = sum(totals)
     if grand <= 0:
@@ -40,27 +37,31 @@ def pick(prov: ProviderState, exclude: frozenset[str], rng: random.Random) -> Ke
             if exclude:
                 break
     if best is None and exclude:
-        # Rare: the draws kept landing on excluded keys. Look at every eligible key once.
-        for tier in tiers:
-            for key in tier.keys:
-                if key.eligible and key.id not in exclude:
-                    return key
+        # Rare: the draws kept landing on excluded keys. Set those aside and draw once more, by
+        # weight like every other pick (never by list order), in O(excluded * log n).
+        return _draw_without(prov, tiers, exclude, rng)
     return best
 
 
-def soonest(
-    prov: ProviderState, now: float, exclude: frozenset[str] = frozenset()
-) -> tuple[float | None, bool]:
-    """(seconds until the soonest scheduled recovery, whether some key is merely busy).
-
-    Keys in ``exclude`` are left out: waiting for a key the caller will not take is pointless.
-    """
-    wake = prov.next_wake()
-    if exclude and wake is not None:  # slow path, only while failing over
-        live = (at for at, _, k in prov.heap if at == k.scheduled_at and k.id not in exclude)
-        wake = min(live, default=None)
-    soon = None if wake is None else wake - now
-    busy = False
-    if soon is None:
-        busy = any(k.in_flight for k in prov.keys.values() if k.id not in exclude)
-    return soon, busy
+def _draw_without(
+    prov: ProviderState, tiers: list[TierState], exclude: frozenset[str], rng: random.Random
+) -> KeyState | None:
+    aside = [
+        k for k in (prov.keys.get(i) for i in exclude) if k is not None and k.eligible and k.tier in tiers
+    ]
+    for key in aside:
+        key.tier.sampler.set(key.index, 0)
+    try:
+        totals = [t.sampler.total for t in tiers]
+        grand = sum(totals)
+        if grand <= 0:
+            return None
+        u = rng.randrange(grand)
+        for tier, total in zip(tiers, totals, strict=True):
+            if u < total:
+                return tier.keys[tier.sampler.find(u)]
+            u -= total
+        return None
+    finally:
+        for key in aside:
+            key.tier.sampler.set(key.index, key.eligible)

@@ -18,8 +18,14 @@ The TOML file::
 
 A key is a secret string or a table with ``secret`` or ``secret_env`` and optionally ``key_id``,
 ``weight`` and ``max_concurrency``. Prefer ``keys_env``/``secret_env``: secrets in a file end up in
-backups and diffs. The admin token comes from ``KEYPOOL_ADMIN_TOKEN``. Every configuration
-problem is reported as one line naming the field, and the command exits with status 2.
+backups and diffs. The admin token comes from ``KEYPOOL_ADMIN_TOKEN``; ``--protect-reads`` makes the
+read endpoints (stats, capacity, ``/metrics``) need it too. Every configuration problem is reported
+as one line naming the field, and the command exits with status 2; an address it cannot listen on
+exits with status 1. "serving" is printed once the port is bound (``--port 0``: a free port, and
+the line says which).
+
+The access log names a key id only when it is known or looks like one: a secret pasted into a URL
+by mistake appears as its fingerprint (see :func:`keypool.admin.shown_path`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -223,6 +230,8 @@ def build(
     port: int,
     insecure_no_token: bool,
     env: Mapping[str, str] | None = None,
+    *,
+    protect_reads: bool = False,
 ) -> tuple[KeyPool, Any]:
     """The pool and the admin app ``serve_admin`` would serve; raises :class:`ConfigError`."""
     from ._pool import KeyPool
@@ -232,6 +241,8 @@ def build(
         raise ConfigError(f"--port: expected 0..65535, got {port}")
     token = environ.get(TOKEN_ENV, "").strip() or None
     allow = no_token_allowed(host, token, insecure_no_token)
+    if protect_reads and token is None:
+        raise ConfigError(f"--protect-reads: the read endpoints would need {TOKEN_ENV}, which is not set")
     pool = KeyPool(load_config(config, environ))
     try:
         import uvicorn  # noqa: F401 - fail here, with the config errors, if the extra is missing
@@ -241,7 +252,42 @@ def build(
         raise ConfigError(
             f"the admin API needs the 'admin' extra (pip install 'keypool[admin]'): {exc}"
         ) from None
-    return pool, create_app(pool, token=token, allow_no_token=allow, registry=_process_registry())
+    app = create_app(
+        pool, token=token, protect_reads=protect_reads, allow_no_token=allow, registry=_process_registry()
+    )
+    return pool, _AccessLog(app, pool)
+
+
+class _AccessLog:
+    """One log line per request (client, method, path, status), with :func:`shown_path`'s paths:
+    uvicorn's own access log would print a secret pasted into a URL as it is."""
+
+    def __init__(self, app: Any, pool: KeyPool) -> None:
+        self.app = app
+        self.pool = pool
+        self.log = logging.getLogger("keypool.admin.access")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # if the app fails before it answers
+
+        async def send_noting_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            from .admin import shown_path
+
+            client = scope.get("client")
+            who = f"{client[0]}:{client[1]}" if client else "-"
+            path = shown_path(scope.get("path", ""), self.pool.key_ids())
+            self.log.info('%s - "%s %s" %d', who, scope.get("method", ""), path, status)
 
 
 def _process_registry() -> Any:
@@ -256,31 +302,61 @@ def _process_registry() -> Any:
 
 
 def serve_admin(
-    *, config: str | None, host: str = "127.0.0.1", port: int = 8000, insecure_no_token: bool = False
+    *,
+    config: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    insecure_no_token: bool = False,
+    protect_reads: bool = False,
 ) -> int:
-    """Run the admin API until interrupted; the exit status (2 for a configuration error)."""
+    """Run the admin API until interrupted; the exit status (2 for a configuration error, 1 when
+    the address cannot be listened on)."""
     try:
-        pool, app = build(config, host, port, insecure_no_token)
+        pool, app = build(config, host, port, insecure_no_token, protect_reads=protect_reads)
     except ConfigError as exc:
         print(f"keypool serve-admin: {exc}", file=sys.stderr)
         return 2
-    if insecure_no_token and not os.environ.get(TOKEN_ENV, "").strip():
+    try:
+        sock = _listen(host, port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(
+            f"keypool serve-admin: --host/--port: cannot listen on {host}:{port}: {reason}", file=sys.stderr
+        )
+        return 1
+    if not os.environ.get(TOKEN_ENV, "").strip():  # build() allowed it: --insecure-no-token, loopback
+        guarded = "no token"
         print("keypool serve-admin: WARNING: mutations need no token (loopback only)", file=sys.stderr)
+    else:
+        guarded = "reads and changes need the token" if protect_reads else "changes need the token"
     summary = ", ".join(f"{p} ({len(pool.key_ids(p))} keys)" for p in pool.providers)
-    where = f"[{host}]" if ":" in host else host
-    print(f"keypool serve-admin: serving {summary} on http://{where}:{port}", file=sys.stderr)
-    _run(app, host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    where = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(
+        f"keypool serve-admin: serving {summary} on http://{where}:{bound_port} ({guarded})", file=sys.stderr
+    )
+    _run(app, sock)
     return 0
 
 
-def _run(app: Any, host: str, port: int) -> None:  # pragma: no cover - binds a socket
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port`` (bound before "serving" is printed)."""
+    name = host.strip().strip("[]")
+    family = socket.AF_INET6 if ":" in name else socket.AF_INET
+    return socket.create_server((name, port), family=family, backlog=2048)
+
+
+def _run(app: Any, sock: socket.socket) -> None:  # pragma: no cover - serves until interrupted
     import uvicorn
 
-    # The admin API's audit trail (resets, config changes, refused tokens) next to uvicorn's lines.
+    # The admin API's audit trail (resets, config changes, refused tokens) and its access log
+    # (paths with secrets fingerprinted), next to uvicorn's lines.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
     logger = logging.getLogger("keypool")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False))
+    with sock:
+        server.run(sockets=[sock])

@@ -24,17 +24,22 @@ GET      /healthz                                   liveness
 
 Mutations need ``Authorization: Bearer <token>`` (401 without it, 403 with a wrong one); with
 ``protect_reads=True`` so do the read endpoints except ``/healthz``. Every error is JSON
-``{"error": ..., "detail": ...}``: 400 for a body that is not JSON, 422 for a body or value that
-does not validate, 404 for an unknown key id or provider (the message lists the known ones), 409
-when the request conflicts with the pool (an ambiguous key id, backups that do not exist). The
-pool's methods do the work; this module only translates HTTP. No response carries a secret.
+``{"error": ..., "detail": ...}``: 400 for a body that is not JSON, 413 for a body over 64 KiB
+(declared or streamed in chunks), 422 for a body or value that does not validate, 404 for an
+unknown key id or provider (the message lists the known ones), 409 when the request conflicts with
+the pool (an ambiguous key id, backups that do not exist). The OpenAPI document describes exactly
+these bodies and answers. The pool's methods do the work; this module only translates HTTP.
+
+No response or log line carries a secret, not even one pasted by mistake where a key id belongs: an
+unknown key id is shown as given only when it is short and looks like a key id, else as its
+length and fingerprint (:func:`shown_key_id`).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response, Security
@@ -42,10 +47,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message
 
-from ._config import BreakerConfig
+from ._config import BreakerConfig, fingerprint, valid_key_id
 from ._errors import ConfigError, KeyPoolError, UnknownKeyError, UnknownProviderError
 
 if TYPE_CHECKING:
@@ -55,18 +70,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BreakerConfigPatch",
+    "ErrorBody",
     "ResetRequest",
     "RotateRequest",
     "create_app",
     "router",
+    "shown_key_id",
+    "shown_path",
 ]
 
 log = logging.getLogger("keypool.admin")
 
-_MAX_BODY = 64 * 1024  # declared bodies above this get a JSON 413
-_HARD_MAX_BODY = 1024 * 1024  # FastAPI's own limit, for bodies that declare no length
+_MAX_BODY = 64 * 1024  # bodies above this, declared or streamed, get a JSON 413
+_SHOWN_ID_LENGTH = 24  # unknown ids longer than this may be secrets (real ones are 32+ characters)
+_SECRET_PREFIXES = ("sk-", "pplx-")  # how OpenAI-style and Perplexity secrets begin, even cut short
 _ProviderQuery = Annotated[str | None, Query(description="limit to this provider")]
-_bearer = HTTPBearer(auto_error=False, description="The admin token (env KEYPOOL_ADMIN_TOKEN).")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="The admin token (keypool serve-admin reads it from KEYPOOL_ADMIN_TOKEN).",
+)
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -74,6 +96,22 @@ _bearer = HTTPBearer(auto_error=False, description="The admin token (env KEYPOOL
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _set_fields_only(schema: dict[str, Any]) -> None:
+    """Describe what the API accepts: at least one field, and no field given as ``null``.
+
+    The fields are optional in Python so that only those given change; the document must not say
+    that ``null`` or ``{}`` are welcome (both get a 422).
+    """
+    for prop in schema.get("properties", {}).values():
+        branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+        if len(branches) == 1:
+            prop.update(branches[0])
+        elif branches:
+            prop["anyOf"] = branches
+        prop.pop("default", None)
+    schema["minProperties"] = 1
 
 
 class ResetRequest(_Body):
@@ -103,19 +141,42 @@ def _like(name: str) -> Any:
     return Field(None, description=info.description, **bounds)
 
 
+_INT_FIELDS = frozenset(name for name, f in BreakerConfig.model_fields.items() if f.annotation is int)
+
+
 class BreakerConfigPatch(_Body):
-    """A partial :class:`~keypool.BreakerConfig`: only the fields given change; state is kept."""
+    """A partial :class:`~keypool.BreakerConfig`: only the fields given change; state is kept.
+
+    At least one field; none may be null. The result must still be a valid configuration
+    (``max_timeout`` >= ``timeout``, ``max_retry_after`` >= ``default_retry_after``), else 422.
+    """
+
+    model_config = ConfigDict(json_schema_extra=_set_fields_only)
 
     failure_threshold: StrictInt | None = _like("failure_threshold")
     success_threshold: StrictInt | None = _like("success_threshold")
-    timeout: StrictFloat | StrictInt | None = _like("timeout")
+    timeout: StrictFloat | None = _like("timeout")  # StrictFloat takes integers too, never bools
     half_open_max_calls: StrictInt | None = _like("half_open_max_calls")
-    backoff_multiplier: StrictFloat | StrictInt | None = _like("backoff_multiplier")
-    max_timeout: StrictFloat | StrictInt | None = _like("max_timeout")
-    jitter: StrictFloat | StrictInt | None = _like("jitter")
-    probe_timeout: StrictFloat | StrictInt | None = _like("probe_timeout")
-    default_retry_after: StrictFloat | StrictInt | None = _like("default_retry_after")
-    max_retry_after: StrictFloat | StrictInt | None = _like("max_retry_after")
+    backoff_multiplier: StrictFloat | None = _like("backoff_multiplier")
+    max_timeout: StrictFloat | None = _like("max_timeout")
+    jitter: StrictFloat | None = _like("jitter")
+    probe_timeout: StrictFloat | None = _like("probe_timeout")
+    default_retry_after: StrictFloat | None = _like("default_retry_after")
+    max_retry_after: StrictFloat | None = _like("max_retry_after")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        """JSON does not tell 7 from 7.0 (JSON Schema calls both integers): take 7.0 as 7, never
+        "7", 7.5 or true."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            name: int(value)
+            if name in _INT_FIELDS and isinstance(value, float) and value.is_integer()
+            else value
+            for name, value in data.items()
+        }
 
     def changes(self) -> dict[str, Any]:
         """The fields the caller set; raises :class:`ConfigError` for none or for ``null`` values."""
@@ -130,6 +191,29 @@ class BreakerConfigPatch(_Body):
 
 
 # ---------------------------------------------------------------------- errors
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a short phrase and what exactly is wrong (a string or a list)."""
+
+    error: str
+    detail: Any
+
+
+_ERRORS: dict[int, str] = {
+    400: "the body is not valid JSON",
+    401: "no bearer token: send the admin token as 'Authorization: Bearer <token>'",
+    403: "the bearer token is not the admin token",
+    404: "unknown key id or provider (the answer lists the known ones)",
+    409: "the request conflicts with the pool (an ambiguous key id: add ?provider=; no backup keys)",
+    413: f"the body is larger than {_MAX_BODY} bytes",
+    422: "the body or a value does not validate (the answer names the field)",
+}
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of an endpoint, for the OpenAPI document."""
+    return {status: {"model": ErrorBody, "description": _ERRORS[status]} for status in statuses}
 
 
 class _Conflict(KeyPoolError):
@@ -185,7 +269,47 @@ def _phrase(status: int) -> str:
         return "error"
 
 
+# ---------------------------------------------------------------------- ids that may be secrets
+
+
+def _showable(value: str, known: Collection[str]) -> bool:
+    """Known ids, and short values that look like key ids and not like secrets."""
+    if value in known:
+        return True
+    return len(value) <= _SHOWN_ID_LENGTH and valid_key_id(value) and not value.startswith(_SECRET_PREFIXES)
+
+
+def _masked(value: str) -> str:
+    return f"<{len(value)} characters, fingerprint {fingerprint(value)}>"
+
+
+def shown_key_id(key_id: str, known: Collection[str] = ()) -> str:
+    """How a key id taken from a request may appear in an answer.
+
+    Known ids, and short ones that look like ids, as they are; anything else might be a secret
+    pasted where the id belongs, so only its length and fingerprint (the id keypool would give that
+    secret) appear, with a hint when that fingerprint is one of the ``known`` ids.
+    """
+    if _showable(key_id, known):
+        return key_id
+    if fingerprint(key_id) in known:
+        return f"{_masked(key_id)} (a secret? pass its key id instead)"
+    return _masked(key_id)
+
+
+def shown_path(path: str, known: Collection[str] = ()) -> str:
+    """``path`` as a log line may show it: each segment that might be a secret masked."""
+    return "/".join(part if not part or _showable(part, known) else _masked(part) for part in path.split("/"))
+
+
 # ---------------------------------------------------------------------- authentication
+
+
+_HOW_TO_AUTHENTICATE = (
+    "this endpoint needs the admin token: send it as 'Authorization: Bearer <token>', e.g. "
+    'curl -H "Authorization: Bearer $KEYPOOL_ADMIN_TOKEN" (keypool serve-admin takes the token from '
+    "the KEYPOOL_ADMIN_TOKEN environment variable; an application that mounts the admin API sets its own)"
+)
 
 
 class _Guard:
@@ -206,37 +330,58 @@ class _Guard:
         mutating = bool((route.methods or set()) - {"GET", "HEAD", "OPTIONS"})
         return mutating or self.protect_reads
 
-    def deny(self, request: Request) -> JSONResponse | None:
-        """``None`` if the request may go on, else the 401/403 response."""
+    def deny(self, request: Request, path: str) -> JSONResponse | None:
+        """``None`` if the request may go on, else the 401/403 response (``path``: as logged)."""
         if self._token is None:
             return None
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         credentials = credentials.strip()
         if scheme.lower() != "bearer" or not credentials:
-            log.warning("keypool admin: %s %r refused: no bearer token", request.method, request.url.path)
-            return _error(
-                401,
-                "unauthorized",
-                "this endpoint needs 'Authorization: Bearer <token>' (the admin token)",
-                {"WWW-Authenticate": "Bearer"},
-            )
+            log.warning("keypool admin: %s %s refused: no bearer token", request.method, path)
+            return _error(401, "unauthorized", _HOW_TO_AUTHENTICATE, {"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(credentials.encode(), self._token):
-            log.warning("keypool admin: %s %r refused: wrong token", request.method, request.url.path)
+            log.warning("keypool admin: %s %s refused: wrong token", request.method, path)
             return _error(403, "forbidden", "the bearer token is not the admin token")
         return None
 
 
-def _too_large(request: Request) -> JSONResponse | None:
-    """A JSON 413 for a declared body over the limit (FastAPI's own limit stays as the backstop)."""
+def _too_large() -> JSONResponse:
+    return _error(413, "request body too large", f"the admin API accepts at most {_MAX_BODY} bytes")
+
+
+async def _bounded(request: Request) -> Request | JSONResponse:
+    """``request`` with its body read whole, or a JSON 413 if it is over the limit.
+
+    The limit holds for a declared ``Content-Length`` (refused before reading) and for a chunked
+    body (refused as soon as it passes the limit). FastAPI then reads the body from the copy.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > _MAX_BODY:
-        return _error(413, "request body too large", f"the admin API accepts at most {_MAX_BODY} bytes")
-    return None
+        return _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            return _too_large()
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    receive = request.receive
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if delivered:
+            return await receive()  # the client's disconnect, if it comes
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, replay)
 
 
-def _route_class(guard: _Guard) -> type[APIRoute]:
+def _route_class(guard: _Guard, pool: KeyPool) -> type[APIRoute]:
     class KeyPoolAdminRoute(APIRoute):
-        """Checks the token before FastAPI reads the body, and renders every error as JSON."""
+        """Checks the token before the body is read, bounds the body, renders every error as JSON."""
 
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
@@ -244,14 +389,14 @@ def _route_class(guard: _Guard) -> type[APIRoute]:
 
             async def guarded(request: Request) -> Response:
                 if protected:
-                    denied = guard.deny(request)
+                    denied = guard.deny(request, shown_path(request.url.path, pool.key_ids()))
                     if denied is not None:
                         return denied
-                too_large = _too_large(request)
-                if too_large is not None:
-                    return too_large
+                bounded = await _bounded(request)
+                if isinstance(bounded, Response):
+                    return bounded
                 try:
-                    return await handler(request)
+                    return await handler(bounded)
                 except Exception as exc:
                     return _error_response(exc)
 
@@ -286,11 +431,13 @@ def _owner(pool: KeyPool, key_id: str, provider: str | None) -> str:
     if provider is not None:
         _known(pool, provider)
         if key_id not in pool.key_ids(provider):
-            raise UnknownKeyError(key_id, pool.key_ids(provider), provider)
+            known = pool.key_ids(provider)
+            raise UnknownKeyError(shown_key_id(key_id, pool.key_ids()), known, provider)
         return provider
     owners = [p for p in pool.providers if key_id in pool.key_ids(p)]
     if not owners:
-        raise UnknownKeyError(key_id, pool.key_ids())
+        known = pool.key_ids()
+        raise UnknownKeyError(shown_key_id(key_id, known), known)
     if len(owners) > 1:
         raise _Conflict(f"key id {key_id!r} exists in providers {owners}; say which with ?provider=<name>")
     return owners[0]
@@ -312,21 +459,18 @@ def router(
     """
     guard = _Guard(token, protect_reads, allow_no_token)
     reg = _registry_for(pool, registry) if metrics_path is not None else None
-    api = APIRouter(route_class=_route_class(guard), max_body_size=_HARD_MAX_BODY)
+    api = APIRouter(route_class=_route_class(guard, pool))
     auth = [Security(_bearer)] if token is not None else []
     read_auth = auth if protect_reads else []
-    errors: dict[int | str, dict[str, Any]] = {
-        401: {"description": "missing bearer token"},
-        403: {"description": "wrong bearer token"},
-        404: {"description": "unknown key id or provider"},
-        422: {"description": "invalid body or value"},
-    }
+    denied = (401, 403) if token is not None else ()
+    read_denied = denied if protect_reads else ()
 
     @api.get(
         "/api/v1/circuit-breaker/stats",
         tags=["circuit-breaker"],
         summary="Every key's breaker state, counts and settings",
         dependencies=read_auth,
+        responses=_responses(*read_denied, 404, 422),
     )
     async def get_stats(provider: _ProviderQuery = None) -> list[dict[str, Any]]:
         return pool.stats(_known(pool, provider))
@@ -336,7 +480,7 @@ def router(
         tags=["circuit-breaker"],
         summary="Close every breaker (or one provider's) and clear throttles and quarantines",
         dependencies=auth,
-        responses=errors,
+        responses=_responses(400, *denied, 404, 413, 422),
     )
     async def reset_all(body: ResetRequest | None = None) -> dict[str, Any]:
         provider = _known(pool, body.provider if body is not None else None)
@@ -349,7 +493,7 @@ def router(
         tags=["circuit-breaker"],
         summary="Close one key's breaker and clear its throttle or quarantine",
         dependencies=auth,
-        responses=errors,
+        responses=_responses(*denied, 404, 409, 422),
     )
     async def reset_key(key_id: str, provider: _ProviderQuery = None) -> dict[str, Any]:
         owner = _owner(pool, key_id, provider)
@@ -362,7 +506,7 @@ def router(
         tags=["circuit-breaker"],
         summary="Change one key's breaker settings (state is kept)",
         dependencies=auth,
-        responses=errors,
+        responses=_responses(400, *denied, 404, 409, 413, 422),
     )
     async def patch_key_config(
         key_id: str, body: BreakerConfigPatch, provider: _ProviderQuery = None
@@ -378,7 +522,7 @@ def router(
         tags=["circuit-breaker"],
         summary="Change the breaker settings of every key (or one provider's keys)",
         dependencies=auth,
-        responses=errors,
+        responses=_responses(400, *denied, 404, 413, 422),
     )
     async def patch_config(body: BreakerConfigPatch, provider: _ProviderQuery = None) -> dict[str, Any]:
         changes = body.changes()
@@ -397,7 +541,7 @@ def router(
         tags=["keys"],
         summary="Force a provider's backup keys on or off, or back to automatic",
         dependencies=auth,
-        responses={**errors, 409: {"description": "the provider has no backup keys"}},
+        responses=_responses(400, *denied, 404, 409, 413, 422),
     )
     async def rotate(body: RotateRequest) -> dict[str, Any]:
         provider = body.provider
@@ -425,6 +569,7 @@ def router(
         tags=["capacity"],
         summary="Every provider's capacity: keys by state, healthy share, status, backups",
         dependencies=read_auth,
+        responses=_responses(*read_denied, 404, 422),
     )
     async def get_capacity(provider: _ProviderQuery = None) -> list[dict[str, Any]]:
         names = [provider] if provider is not None else list(pool.providers)  # capacity() checks
@@ -439,6 +584,7 @@ def router(
             summary="Prometheus metrics (text exposition format)",
             response_class=Response,
             dependencies=read_auth,
+            responses=_responses(*read_denied),
         )
         def get_metrics(request: Request) -> Response:
             # Sync on purpose: FastAPI runs it in a worker thread, so a large pool's scrape never
@@ -488,7 +634,6 @@ def create_app(
         ),
         docs_url=None,
         redoc_url=None,
-        max_body_size=_HARD_MAX_BODY,
     )
     app.include_router(api)
 

@@ -14,8 +14,9 @@ keypool's own ``keypool_*`` series.
 Two kinds of series:
 
 * Counters fed by pool events through a hook (calls, failures, trips, transitions, rejections and
-  the request duration histogram). Per-key breaker counters start at zero for every key, so
-  ``increase()`` sees the first trip.
+  the request duration histogram). Every counter a rule or a panel reads starts at zero for each of
+  its label sets (per key, outcome, trip reason and transition; per provider and refusal reason),
+  so ``increase()`` sees the first trip, the first failure and the first refused burst.
 * Values computed at scrape time: the collector calls :meth:`KeyPool.poll` and then reads
   :meth:`~KeyPool.stats`, :meth:`~KeyPool.capacity` and :meth:`~KeyPool.time_in_states`, so state
   gauges, time in each state, keys by state, healthy share and backup activity are never stale,
@@ -46,7 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._breaker import BreakerState, OpenReason
 from ._errors import ConfigError
-from ._events import BackupTierChanged, CallRecorded, CallRejected, KeyStateChanged, PoolEvent
+from ._events import (
+    REFUSAL_REASONS,
+    BackupTierChanged,
+    CallRecorded,
+    CallRejected,
+    KeyStateChanged,
+    PoolEvent,
+)
 from ._outcome import OutcomeKind
 
 if TYPE_CHECKING:
@@ -69,7 +77,12 @@ _TRANSITIONS = (
     ("half_open", "open"),
     ("open", "closed"),
 )
-_REJECT_REASONS = frozenset({"breaker_open", "load_shed", "probe_skipped"})
+#: Why a call was refused before reaching a key: the ``reason`` label of ``keypool_rejected_calls_total``,
+#: each exposed from zero for every provider. A reason a pool reports that is not listed here is
+#: counted as ``other``. The pool's reasons live in ``keypool._events.REFUSAL_REASONS``.
+_REJECT_REASONS: tuple[str, ...] = REFUSAL_REASONS
+_OTHER_REASON = "other"
+_OUTCOMES = tuple(kind.value for kind in OutcomeKind)  # the outcome label of keypool_requests_total
 _KEY_CATEGORIES = ("closed", "half_open", "open", "throttled", "quarantined")
 _STATE_VALUE = {s.label: float(s.value) for s in BreakerState}
 
@@ -96,6 +109,7 @@ class PoolMetrics:
         self._failures: dict[_Key, int] = defaultdict(int)
         self._successes: dict[_Key, int] = defaultdict(int)
         self._trial_calls: dict[_Key, int] = defaultdict(int)
+        self._trial_successes: dict[_Key, int] = defaultdict(int)
         self._trips: dict[tuple[str, str, str], int] = defaultdict(int)
         self._transitions: dict[tuple[str, str, str, str], int] = defaultdict(int)
         self._requests: dict[tuple[str, str, str], int] = defaultdict(int)
@@ -112,7 +126,7 @@ class PoolMetrics:
         elif isinstance(event, KeyStateChanged):
             self._on_state(event)
         elif isinstance(event, CallRejected):
-            reason = event.reason if event.reason in _REJECT_REASONS else "other"
+            reason = event.reason if event.reason in _REJECT_REASONS else _OTHER_REASON
             with self._lock:
                 self._rejected[event.provider, reason] += 1
         elif isinstance(event, BackupTierChanged):
@@ -129,6 +143,8 @@ class PoolMetrics:
                 self._failures[key] += 1
             if event.trial:
                 self._trial_calls[key] += 1
+                if event.outcome is OutcomeKind.SUCCESS:
+                    self._trial_successes[key] += 1
             counts = self._durations.get(event.provider)
             if counts is None:
                 counts = self._durations[event.provider] = [0] * (len(self._buckets) + 1)
@@ -198,6 +214,9 @@ class PoolMetrics:
                 out.failures.add_metric(labels, self._failures.get(key, 0))
                 out.successes.add_metric(labels, self._successes.get(key, 0))
                 out.trial_calls.add_metric(labels, self._trial_calls.get(key, 0))
+                out.trial_successes.add_metric(labels, self._trial_successes.get(key, 0))
+                for outcome in _OUTCOMES:
+                    out.requests.add_metric([*labels, outcome], self._requests.get((*key, outcome), 0))
                 for reason in _TRIP_REASONS:
                     out.trips.add_metric([*labels, reason], self._trips.get((*key, reason), 0))
                 for old, new in _TRANSITIONS:
@@ -207,11 +226,9 @@ class PoolMetrics:
             for (provider, key_id, old, new), n in sorted(self._transitions.items()):
                 if (old, new) not in _TRANSITIONS:  # not expected; expose rather than hide it
                     out.transitions.add_metric([provider, key_id, old, new], n)
-            for (provider, key_id, outcome), n in sorted(self._requests.items()):
-                out.requests.add_metric([provider, key_id, outcome], n)
-            for (provider, reason), n in sorted(self._rejected.items()):
-                out.rejected.add_metric([provider, reason], n)
             for provider in providers:
+                for reason in (*_REJECT_REASONS, _OTHER_REASON):
+                    out.rejected.add_metric([provider, reason], self._rejected.get((provider, reason), 0))
                 counts = self._durations.get(provider) or [0] * (len(self._buckets) + 1)
                 cumulative: list[tuple[str, float]] = []
                 running = 0
@@ -224,7 +241,7 @@ class PoolMetrics:
 
     def _prune(self, live: set[_Key], providers: set[str]) -> None:
         """Forget counters of keys and providers that left the pool (lock held)."""
-        for table in (self._failures, self._successes, self._trial_calls):
+        for table in (self._failures, self._successes, self._trial_calls, self._trial_successes):
             for key in [k for k in table if k not in live]:
                 del table[key]
         for k3 in [k for k in self._trips if (k[0], k[1]) not in live]:
@@ -300,6 +317,12 @@ class _Families:
             "Trial calls made while the key's breaker was half-open.",
             labels=key,
         )
+        self.trial_successes = CounterMetricFamily(
+            "circuit_breaker_half_open_successes_total",
+            "Trial calls that succeeded while the key's breaker was half-open (success_threshold of "
+            "them close it).",
+            labels=key,
+        )
         self.requests = CounterMetricFamily(
             "keypool_requests",
             "Calls recorded against a key, by outcome (success, throttled, rejected, exhausted, "
@@ -313,7 +336,7 @@ class _Families:
         )
         self.rejected = CounterMetricFamily(
             "keypool_rejected_calls",
-            "Calls refused before reaching any key (breaker_open, load_shed, probe_skipped).",
+            f"Calls refused before reaching any key ({', '.join(_REJECT_REASONS)}, {_OTHER_REASON}).",
             labels=["provider", "reason"],
         )
         self.backup_active = GaugeMetricFamily(
@@ -343,6 +366,7 @@ class _Families:
             self.duration,
             self.successes,
             self.trial_calls,
+            self.trial_successes,
             self.requests,
             self.request_duration,
             self.rejected,

@@ -5,10 +5,16 @@ upstream (an ASGI app), and a server that runs any ASGI app on a loopback port (
 
 from __future__ import annotations
 
+import heapq
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ._fake_upstream import FakeUpstream, Fault, KeyCounters
 from ._loopback import DropConnection, LoopbackServer, serve_asgi
+
+if TYPE_CHECKING:
+    from ._waiting import Waiter
 
 __all__ = [
     "DropConnection",
@@ -25,12 +31,16 @@ class FakeClock:
     """A manual clock: time moves only when told to, and sleeping advances it instantly.
 
     Pass it to :class:`~keypool.KeyPool` so breaker timeouts and Retry-After waits run in no real
-    time. Thread-safe.
+    time. A caller the pool queues behind busy keys waits until another task frees a key, or until
+    the clock is advanced past its deadline (:meth:`advance`, or anyone's :meth:`sleep`); a caller
+    waiting only for a timed recovery jumps to it, as a sleep does. Thread-safe.
     """
 
     def __init__(self, start: float = 1000.0) -> None:
         self._now = start
         self._lock = threading.Lock()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
         self.slept: list[float] = []
 
     def now(self) -> float:
@@ -41,6 +51,11 @@ class FakeClock:
             raise ValueError("a clock cannot go back")
         with self._lock:
             self._now += seconds
+            due = []
+            while self._timers and self._timers[0][0] <= self._now:
+                due.append(heapq.heappop(self._timers)[2])
+        for wake in due:
+            wake()
 
     async def sleep(self, seconds: float) -> None:
         import anyio
@@ -52,6 +67,33 @@ class FakeClock:
     def sleep_sync(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.advance(seconds)
+
+    def _at(self, timeout: float | None, wake: Callable[[], None]) -> None:
+        if timeout is None:
+            return
+        with self._lock:
+            self._seq += 1
+            heapq.heappush(self._timers, (self._now + timeout, self._seq, wake))
+
+    async def wait_event(self, waiter: Waiter, timeout: float | None, timer: bool) -> None:
+        """How the pool waits on this clock (see :func:`keypool._waiting.wait_async`)."""
+        import anyio
+
+        if timer:  # nothing is busy: only time changes anything, so time jumps
+            await anyio.lowlevel.checkpoint()
+            if not waiter.woken() and timeout is not None:
+                await self.sleep(timeout)
+            return
+        self._at(timeout, waiter.wake)
+        await waiter._wait_async(None)
+
+    def wait_event_sync(self, waiter: Waiter, timeout: float | None, timer: bool) -> None:
+        if timer:
+            if not waiter.woken() and timeout is not None:
+                self.sleep_sync(timeout)
+            return
+        self._at(timeout, waiter.wake)
+        waiter._wait_sync(None)
 
     def __repr__(self) -> str:
         return f"FakeClock(now={self._now})"

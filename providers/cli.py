@@ -22,10 +22,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=40.0, help="how long to drive traffic")
     demo.add_argument("--quiet", action="store_true", help="no live display, summary only")
     demo.add_argument("--event-log", metavar="PATH", help="write the pool's events as JSON lines (for tune)")
-    serve = sub.add_parser("serve-admin", help="run the runbook's admin HTTP API for a configured pool")
+    serve = sub.add_parser(
+        "serve-admin",
+        help="run the runbook's admin HTTP API for a configured pool",
+        description="Serve the runbook's admin HTTP API (stats, reset, config, rotation, capacity,\n"
+        "/metrics) for a pool built from --config or from the environment.",
+        epilog=_serve_admin_environment(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--config", help="TOML file describing providers and keys")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--protect-reads",
+        action="store_true",
+        help="make the read endpoints (stats, capacity, /metrics) need the admin token too",
+    )
     serve.add_argument(
         "--insecure-no-token",
         action="store_true",
@@ -107,6 +121,22 @@ def _study(args: argparse.Namespace) -> int:
         return 2
 
 
+def _serve_admin_environment() -> str:
+    """The help's last section: the variables serve-admin reads."""
+    from keypool._serve import ENV_PROVIDERS, TOKEN_ENV
+
+    lines = [
+        "environment:",
+        f"  {TOKEN_ENV}",
+        "      the admin token, required (unless --insecure-no-token on a loopback host):",
+        "      every change, and with --protect-reads every read, needs",
+        "      'Authorization: Bearer <token>'",
+    ]
+    for keys, backups in ENV_PROVIDERS.values():
+        lines += [f"  {keys}, {backups}", "      comma-separated secrets, read when no --config is given"]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
@@ -120,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from keypool._serve import serve_admin
 
     return serve_admin(
-        config=args.config, host=args.host, port=args.port, insecure_no_token=args.insecure_no_token
+        config=args.config,
+        host=args.host,
+        port=args.port,
+        insecure_no_token=args.insecure_no_token,
+        protect_reads=args.protect_reads,
     )
 
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import anyio
 import httpx2
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -108,7 +109,12 @@ async def client(app: Any, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Cl
     for response in wrapped.seen:
         assert_no_secret(response.text)
         assert_no_secret(str(response.headers))
-    assert_no_secret(caplog.text)
+    assert_no_secret(server_log(caplog))
+
+
+def server_log(caplog: pytest.LogCaptureFixture) -> str:
+    """What the app logged (the test's own HTTP client logs the URLs it calls, secrets and all)."""
+    return "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx2"))
 
 
 def error_of(response: httpx2.Response) -> tuple[str, str]:
@@ -244,6 +250,32 @@ async def test_stats_has_the_runbook_shape(client: Client) -> None:
 
 
 @pytest.mark.anyio
+async def test_open_reason_shows_while_out_and_null_once_closed(
+    client: Client, pool: KeyPool, clock: FakeClock
+) -> None:
+    async def reason_of(key_id: str) -> tuple[str, str | None]:
+        entry = by_id((await client.get("/api/v1/circuit-breaker/stats")).json())[key_id]
+        return entry["state"], entry["open_reason"]
+
+    fail(pool, "deepseek", "ds-1", 5)
+    assert await reason_of("ds-1") == ("open", "failures")
+    clock.advance(60)
+    assert await reason_of("ds-1") == ("half_open", "failures")  # still out: why it went out
+    for _ in range(2):  # success_threshold trials close it
+        lease = pool.try_acquire_key("deepseek", "ds-1")
+        assert lease is not None
+        lease.success()
+    assert await reason_of("ds-1") == ("closed", None)
+
+    lease = pool.try_acquire_key("deepseek", "ds-2")
+    assert lease is not None
+    lease.record(Outcome(OutcomeKind.THROTTLED, 429, retry_after=5.0))
+    assert await reason_of("ds-2") == ("open", "throttled")
+    clock.advance(5)  # the Retry-After instant passes: back without a trial
+    assert await reason_of("ds-2") == ("closed", None)
+
+
+@pytest.mark.anyio
 async def test_reset_all_and_one_provider(client: Client, pool: KeyPool) -> None:
     fail(pool, "deepseek", "ds-1", 5)
     fail(pool, "perplexity", "pp-1", 5)
@@ -375,9 +407,108 @@ async def test_openapi_lists_every_endpoint(client: Client) -> None:
             secured = bool(op.get("security"))
             assert secured == (method != "get"), (method, path)
     schemas = response.json()["components"]["schemas"]
-    assert schemas["BreakerConfigPatch"]["additionalProperties"] is False
-    threshold = schemas["BreakerConfigPatch"]["properties"]["failure_threshold"]["anyOf"][0]
-    assert threshold == {"type": "integer", "minimum": 1, "maximum": 1_000_000}
+    patch = schemas["BreakerConfigPatch"]
+    assert patch["additionalProperties"] is False
+    assert patch["minProperties"] == 1  # an empty patch is refused
+    threshold = patch["properties"]["failure_threshold"]
+    assert {k: threshold[k] for k in ("type", "minimum", "maximum")} == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 1_000_000,
+    }
+    timeout = patch["properties"]["timeout"]
+    assert (timeout["type"], timeout["exclusiveMinimum"], timeout["maximum"]) == ("number", 0, 86_400)
+    for name, field in patch["properties"].items():  # a field given must have a value
+        assert "null" not in json.dumps(field), name
+        assert "default" not in field, name
+
+
+BODY_ERRORS = {"400", "413", "422"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("protect_reads", [False, True])
+async def test_openapi_documents_every_error_answer(pool: KeyPool, protect_reads: bool) -> None:
+    app = create_app(pool, token=TOKEN, protect_reads=protect_reads, registry=CollectorRegistry())
+    doc = app.openapi()
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            documented = set(op["responses"]) - {"200"}
+            for status in documented:
+                assert op["responses"][status]["content"]["application/json"]["schema"] == error_ref
+            guarded = method != "get" or (protect_reads and path != "/healthz")
+            assert ({"401", "403"} <= documented) == guarded, (method, path)
+            assert bool(op.get("security")) == guarded, (method, path)
+            if "requestBody" in op:
+                assert documented >= BODY_ERRORS | {"404"}, (method, path)
+            elif method != "get":
+                assert not documented & {"400", "413"}, (method, path)  # no body, no body errors
+    assert set(doc["components"]["schemas"]["ErrorBody"]["required"]) == {"error", "detail"}
+
+
+def body_validator(app: Any, method: str, path: str) -> Any:
+    """A JSON Schema validator for the request body of one operation of the app's OpenAPI document."""
+    doc = app.openapi()
+    schema = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    return jsonschema.Draft202012Validator({**schema, "components": doc["components"]})
+
+
+# Fields without a rule across fields (max_timeout >= timeout, max_retry_after >=
+# default_retry_after: those the document cannot express, and a 422 names them).
+INDEPENDENT_FIELDS = ["failure_threshold", "success_threshold", "half_open_max_calls"]
+INDEPENDENT_FIELDS += ["backoff_multiplier", "jitter", "probe_timeout"]
+json_numbers = (
+    st.integers(min_value=-5, max_value=2_000_000)
+    | st.floats(min_value=-5, max_value=1e6, allow_nan=False)
+    | st.sampled_from([0, 1, 1.0, 7.0, 0.5, 100, 100.5, 86_400, 86_400.5, 1e300])
+)
+patch_bodies = st.one_of(
+    st.dictionaries(
+        st.sampled_from([*INDEPENDENT_FIELDS, "treshold"]),
+        json_numbers | st.none() | st.booleans() | st.text(max_size=3),
+        max_size=3,
+    ),
+    st.lists(st.integers(), max_size=2),
+    st.none(),
+    st.text(max_size=5),
+)
+SCHEMA_POOL = make_pool()
+SCHEMA_APP = create_app(SCHEMA_POOL, token=TOKEN, registry=CollectorRegistry())
+
+
+@pytest.mark.anyio
+@settings(max_examples=300, deadline=None)
+@given(body=patch_bodies)
+async def test_openapi_accepts_exactly_the_config_patches_the_api_accepts(body: Any) -> None:
+    accepted_by_document = body_validator(SCHEMA_APP, "patch", "/api/v1/circuit-breaker/config").is_valid(
+        body
+    )
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=SCHEMA_APP), base_url=BASE) as http:
+        response = await http.patch("/api/v1/circuit-breaker/config", json=body, headers=AUTH)
+    assert response.status_code in (200, 422), response.text
+    assert accepted_by_document == (response.status_code == 200), (body, response.text)
+
+
+@pytest.mark.anyio
+@settings(max_examples=100, deadline=None)
+@given(
+    endpoint=st.sampled_from(["/api/v1/circuit-breaker/reset", "/api/v1/keys/rotate"]),
+    body=st.none()
+    | st.dictionaries(
+        st.sampled_from(["provider", "activate_backup", "providr"]),
+        st.none() | st.booleans() | st.just("deepseek") | st.integers(0, 1),
+        max_size=3,
+    ),
+)
+async def test_openapi_accepts_exactly_the_reset_and_rotate_bodies_the_api_accepts(
+    endpoint: str, body: Any
+) -> None:
+    accepted_by_document = body_validator(SCHEMA_APP, "post", endpoint).is_valid(body)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=SCHEMA_APP), base_url=BASE) as http:
+        response = await http.post(endpoint, json=body, headers=AUTH)
+    assert response.status_code in (200, 422), response.text
+    assert accepted_by_document == (response.status_code == 200), (body, response.text)
 
 
 def test_patch_model_covers_every_breaker_field() -> None:
@@ -547,6 +678,101 @@ async def test_bad_input_is_a_4xx_that_says_what_is_wrong(
     error, detail = error_of(response)
     assert words in error + detail, (error, detail)
     assert pool.stats() == before
+
+
+async def chunks(size: int, piece: int = 4096) -> AsyncIterator[bytes]:
+    """A body of ``size`` bytes sent in chunks, with no Content-Length (chunked encoding)."""
+    for start in range(0, size, piece):
+        yield b" " * min(piece, size - start)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 2 * 1024 * 1024])
+@pytest.mark.parametrize("declared", [True, False])
+async def test_a_body_over_the_limit_is_a_json_413_declared_or_chunked(
+    client: Client, pool: KeyPool, size: int, declared: bool
+) -> None:
+    before = pool.stats()
+    content: Any = b" " * size if declared else chunks(size)
+    headers = {**AUTH, "content-type": "application/json"}
+    response = await client.patch("/api/v1/circuit-breaker/config", content=content, headers=headers)
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/json"
+    _, detail = error_of(response)
+    assert "65536 bytes" in detail
+    assert pool.stats() == before
+
+
+@pytest.mark.anyio
+async def test_a_chunked_body_under_the_limit_is_read_whole(client: Client, pool: KeyPool) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"failure_'
+        yield b'threshold": 7' + b" " * (60 * 1024)
+        yield b"}"
+
+    headers = {**AUTH, "content-type": "application/json"}
+    response = await client.patch("/api/v1/circuit-breaker/config", content=body(), headers=headers)
+    assert response.status_code == 200, response.text
+    assert {s["config"]["failure_threshold"] for s in pool.stats()} == {7}
+
+
+@pytest.mark.anyio
+async def test_unauthorized_says_how_to_authenticate(client: Client) -> None:
+    response = await client.post("/api/v1/circuit-breaker/reset")
+    assert response.status_code == 401
+    _, detail = error_of(response)
+    assert "admin token" in detail
+    assert "Authorization: Bearer" in detail
+    assert "KEYPOOL_ADMIN_TOKEN" in detail  # where serve-admin, and the runbook's curl lines, take it
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_an_unknown_key_id_that_may_be_a_secret_is_never_echoed(
+    client: Client, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    from keypool import fingerprint
+
+    action = "reset" if method == "POST" else "config"
+    body = None if method == "POST" else {"timeout": 9}
+    pasted = SECRETS["pp-1"]  # a secret pasted where the key id belongs
+    for headers in (AUTH, {}):  # answered 404 with the token, 401 without: neither may echo it
+        response = await client.request(
+            method, f"/api/v1/circuit-breaker/{quote(pasted, safe='')}/{action}", json=body, headers=headers
+        )
+        assert response.status_code == (404 if headers else 401)
+    error, detail = error_of(client.seen[-2])
+    assert error == "unknown key id"
+    assert fingerprint(pasted) in detail  # which value it was, without the value
+    assert "'ds-1', 'ds-2', 'ds-backup', 'pp-1'" in detail  # and which ids exist
+    # The fixture checks every answer and log line for the secret; a shortened one too:
+    for shortened in (pasted[:12], "sk-admin-secret"):
+        response = await client.request(
+            method, f"/api/v1/circuit-breaker/{shortened}/{action}", json=body, headers=AUTH
+        )
+        assert response.status_code == 404
+        assert shortened not in response.text
+        assert shortened not in server_log(caplog)
+    # A short id that looks like a key id (a typo) is shown as it is.
+    response = await client.request(method, f"/api/v1/circuit-breaker/ds-l/{action}", json=body, headers=AUTH)
+    assert "'ds-l'" in error_of(response)[1]
+
+
+def test_a_pasted_secret_whose_fingerprint_is_a_key_id_points_at_the_key_id() -> None:
+    from keypool import fingerprint
+    from keypool.admin import shown_key_id, shown_path
+
+    secret = "sk-0123456789abcdef0123456789abcdef"
+    known = ["ds-1", fingerprint(secret)]
+    shown = shown_key_id(secret, known)
+    assert secret not in shown
+    assert fingerprint(secret) in shown
+    assert "pass its key id" in shown
+    assert shown_key_id("ds-1", known) == "ds-1"
+    long_label = "a-very-long-but-known-key-label-01"
+    assert shown_key_id(long_label, [long_label]) == long_label
+    assert secret not in shown_path(f"/api/v1/circuit-breaker/{secret}/reset", known)
+    assert shown_path("/api/v1/circuit-breaker/ds-1/reset", known) == "/api/v1/circuit-breaker/ds-1/reset"
 
 
 @pytest.mark.anyio

@@ -220,7 +220,7 @@ def test_two_trial_successes_close(clock: FakeClock) -> None:
     breaker.record_success(p2)
     assert breaker.state() is CLOSED
     assert breaker.drain_transitions() == [Transition(HALF_OPEN, CLOSED, 1061.0, "trial_succeeded")]
-    assert breaker.snapshot().open_reason is OpenReason.FAILURES  # the last reason is remembered
+    assert breaker.snapshot().open_reason is None  # closed: no reason to be out any more
 
 
 def test_success_threshold_is_configurable(clock: FakeClock) -> None:
@@ -660,6 +660,7 @@ def test_throttle_keeps_the_key_out_until_the_instant(clock: FakeClock) -> None:
     assert breaker.try_acquire() is None
     clock.advance(0.001)
     assert breaker.state() is CLOSED
+    assert breaker.snapshot().open_reason is None  # back by time alone: no reason lingers
     assert breaker.try_acquire() is not None
     assert [(t.new, t.at) for t in breaker.drain_transitions()] == [(OPEN, 1000.0), (CLOSED, 1030.0)]
 

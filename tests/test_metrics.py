@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
 from keypool import ConfigError, KeyPool, KeySpec, Outcome, OutcomeKind
+from keypool._events import REFUSAL_REASONS
 from keypool.metrics import PoolMetrics, instrument
 from keypool.testing import FakeClock
 
@@ -81,6 +83,9 @@ def test_fresh_pool_reports_every_key_closed_and_zeroed_counters(registry: Colle
         assert key_value(registry, "circuit_breaker_failures_total", key) == 0
         assert key_value(registry, "circuit_breaker_successful_requests_total", key) == 0
         assert key_value(registry, "circuit_breaker_half_open_calls_total", key) == 0
+        assert key_value(registry, "circuit_breaker_half_open_successes_total", key) == 0
+        for outcome in OutcomeKind:
+            assert key_value(registry, "keypool_requests_total", key, outcome=outcome.value) == 0
         for reason in ("failures", "trial_failed", "throttled", "rejected", "quota", "manual"):
             assert key_value(registry, "circuit_breaker_trips_total", key, reason=reason) == 0
         for old, new in [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]:
@@ -92,6 +97,25 @@ def test_fresh_pool_reports_every_key_closed_and_zeroed_counters(registry: Colle
     assert value(registry, "keypool_capacity_healthy_share", provider=P) == 1.0
     assert value(registry, "keypool_backup_active", provider=P) == 0
     assert value(registry, "keypool_request_duration_seconds_count", provider=P) == 0
+    # Refusals too, for every reason: increase() then sees the first refused burst.
+    for reason in ("open", "throttled", "rejected", "busy", "load_shed", "probe_skipped", "other"):
+        assert value(registry, "keypool_rejected_calls_total", provider=P, reason=reason) == 0
+
+
+def test_every_provider_and_key_gets_zero_samples_as_it_arrives(
+    pool: KeyPool, registry: CollectorRegistry, metrics: PoolMetrics
+) -> None:
+    late = KeySpec(secret=SecretStr("pplx-late-0001"), key_id="p")
+    pool.add_provider({"name": "perplexity", "keys": [late]})
+    pool.add_key(P, KeySpec(secret=SecretStr("sk-metrics-late-dddd"), key_id="d"))
+    assert value(registry, "keypool_rejected_calls_total", provider="perplexity", reason="open") == 0
+    labels = {"provider": "perplexity", "key_id": "p", "outcome": "failure"}
+    assert value(registry, "keypool_requests_total", **labels) == 0
+    assert key_value(registry, "keypool_requests_total", "d", outcome="throttled") == 0
+    text = exposition(registry)
+    # One sample per key and outcome, one per provider and reason: nothing else, nothing twice.
+    assert text.count("keypool_requests_total{") == 5 * len(OutcomeKind)
+    assert text.count("keypool_rejected_calls_total{") == 2 * (len(REFUSAL_REASONS) + 1)  # + other
 
 
 @pytest.mark.usefixtures("metrics")
@@ -109,7 +133,8 @@ def test_trip_half_open_and_close(pool: KeyPool, clock: FakeClock, registry: Col
     assert key_value(registry, transitions, "a", from_state="closed", to_state="open") == 1
     assert key_value(registry, "keypool_requests_total", "a", outcome="failure") == 5
     assert value(registry, "keypool_keys", provider=P, state="open") == 1
-    assert value(registry, "keypool_capacity_healthy_share", provider=P) == pytest.approx(2 / 3)
+    # The idle backup "c" is a reserve, not capacity: one of the two serving primaries is closed.
+    assert value(registry, "keypool_capacity_healthy_share", provider=P) == pytest.approx(1 / 2)
 
     # No traffic at all: the scrape alone notices that the timeout has passed.
     clock.advance(60)
@@ -124,7 +149,11 @@ def test_trip_half_open_and_close(pool: KeyPool, clock: FakeClock, registry: Col
     call(pool, "a")
     assert key_value(registry, "circuit_breaker_state", "a") == 0
     assert key_value(registry, "circuit_breaker_half_open_calls_total", "a") == 2
+    assert key_value(registry, "circuit_breaker_half_open_successes_total", "a") == 2
     assert key_value(registry, "circuit_breaker_successful_requests_total", "a") == 2
+    call(pool, "a")  # closed again: an ordinary success, not a trial
+    assert key_value(registry, "circuit_breaker_successful_requests_total", "a") == 3
+    assert key_value(registry, "circuit_breaker_half_open_successes_total", "a") == 2
     assert key_value(registry, transitions, "a", from_state="half_open", to_state="closed") == 1
     duration = "circuit_breaker_state_duration_seconds_total"
     assert key_value(registry, duration, "a", state="half_open") == 5
@@ -143,6 +172,7 @@ def test_failed_trial_reopens(pool: KeyPool, clock: FakeClock, registry: Collect
     assert key_value(registry, "circuit_breaker_state", "a") == 2
     assert key_value(registry, "circuit_breaker_trips_total", "a", reason="trial_failed") == 1
     assert key_value(registry, "circuit_breaker_half_open_calls_total", "a") == 1
+    assert key_value(registry, "circuit_breaker_half_open_successes_total", "a") == 0
     labels = {"from_state": "half_open", "to_state": "open"}
     assert key_value(registry, "circuit_breaker_state_transitions_total", "a", **labels) == 1
 
@@ -182,6 +212,23 @@ def test_throttle_quarantine_and_backups(
     assert value(registry, "keypool_backup_active", provider=P) == 0
 
 
+def test_a_trip_another_pool_decided_is_a_transition_here_too(clock: FakeClock) -> None:
+    # CircuitBreakerFlapping counts closed -> open per process and takes the worst process: with a
+    # shared store that holds only if every pool's breaker notes the trips the others decided.
+    from keypool.store import MemoryStore
+
+    store = MemoryStore(clock)
+    config = {"providers": [{"name": P, "keys": [{"secret": SECRETS["a"], "key_id": "a"}]}]}
+    deciding, watching = KeyPool(config, clock=clock, store=store), KeyPool(config, clock=clock, store=store)
+    registry = CollectorRegistry()
+    with instrument(watching, registry):
+        fail(deciding, "a", 5)
+        labels = {"from_state": "closed", "to_state": "open"}
+        assert key_value(registry, "circuit_breaker_state", "a") == 2
+        assert key_value(registry, "circuit_breaker_state_transitions_total", "a", **labels) == 1
+    store.close()
+
+
 @pytest.mark.usefixtures("metrics")
 def test_manual_quarantine_and_trip(pool: KeyPool, registry: CollectorRegistry) -> None:
     pool.quarantine("a", P)
@@ -202,7 +249,7 @@ def test_rejected_calls_by_reason(pool: KeyPool, registry: CollectorRegistry) ->
     pool.note_rejected(P, "load_shed")
     pool.note_rejected(P, "probe_skipped", "a")
     pool.note_rejected(P, "something-new")
-    assert value(registry, "keypool_rejected_calls_total", provider=P, reason="breaker_open") == 1
+    assert value(registry, "keypool_rejected_calls_total", provider=P, reason="manual") == 1
     assert value(registry, "keypool_rejected_calls_total", provider=P, reason="load_shed") == 1
     assert value(registry, "keypool_rejected_calls_total", provider=P, reason="probe_skipped") == 1
     assert value(registry, "keypool_rejected_calls_total", provider=P, reason="other") == 1
@@ -262,7 +309,9 @@ def test_key_ids_default_to_fingerprints_never_secrets(clock: FakeClock, registr
 
 
 # Names that the runbook fixes; promtool's naming lint flags them, nothing else may be flagged.
+# docs/runbook.md documents each exception (the test below checks that it does).
 _CONTRACT_LINT = {"circuit_breaker_failure_count non-histogram and non-summary metrics should not have "}
+RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "runbook.md"
 
 
 def test_promtool_accepts_the_exposition(
@@ -290,6 +339,9 @@ def test_promtool_accepts_the_exposition(
     assert not unexpected, problems
     # 0: clean; 3: lint problems only (the contract name above); anything else is a parse error.
     assert result.returncode in (0, 3), problems
+    runbook = RUNBOOK.read_text(encoding="utf-8")
+    for exception in _CONTRACT_LINT:
+        assert exception in runbook, f"docs/runbook.md does not document the lint exception {exception!r}"
 
 
 def test_every_contract_metric_is_exposed(registry: CollectorRegistry, metrics: PoolMetrics) -> None:
@@ -303,6 +355,7 @@ def test_every_contract_metric_is_exposed(registry: CollectorRegistry, metrics: 
         ("circuit_breaker_state_duration_seconds_total", "counter"),
         ("circuit_breaker_successful_requests_total", "counter"),
         ("circuit_breaker_half_open_calls_total", "counter"),
+        ("circuit_breaker_half_open_successes_total", "counter"),
         ("keypool_requests_total", "counter"),
         ("keypool_request_duration_seconds", "histogram"),
         ("keypool_rejected_calls_total", "counter"),

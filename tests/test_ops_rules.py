@@ -244,16 +244,21 @@ def test_alerts_match_the_runbook_contract(loaded_rules: dict[str, dict[str, Any
 
 def test_alert_thresholds_match_the_runbook(loaded_rules: dict[str, dict[str, Any]]) -> None:
     # Prometheus reports each query in its canonical form.
-    majority = loaded_rules["MajorityKeysCircuitBreakerOpen"]["query"]
-    assert majority.endswith("> 0.5")
-    flapping = loaded_rules["CircuitBreakerFlapping"]["query"]
-    assert "rate(circuit_breaker_state_transitions_total[10m])" in flapping
-    assert flapping.endswith("> 0.5")
-    assert loaded_rules["CircuitBreakerStuckHalfOpen"]["query"] == "circuit_breaker_state == 1"
-    provider_wide = ("AllKeysCircuitBreakerOpen", "MajorityKeysCircuitBreakerOpen")
-    for name in provider_wide:
-        assert "by (provider)" in loaded_rules[name]["query"], name
-    assert loaded_rules["keypool:keys_open:ratio"]["type"] == "recording"
+    queries = {name: rule["query"] for name, rule in loaded_rules.items()}
+    # Capacity is counted in keys that are not closed: a half-open key is not capacity.
+    assert "count by (provider) (circuit_breaker_state > 0)" in queries["AllKeysCircuitBreakerOpen"]
+    assert "sum by (provider) (circuit_breaker_state > bool 0)" in queries["MajorityKeysCircuitBreakerOpen"]
+    assert queries["MajorityKeysCircuitBreakerOpen"].endswith("> 0.5")
+    flapping = queries["CircuitBreakerFlapping"]
+    retrips = 'increase(circuit_breaker_state_transitions_total{from_state="closed",to_state="open"}[10m])'
+    assert retrips in flapping
+    assert flapping.endswith(">= 4")
+    assert queries["CircuitBreakerStuckHalfOpen"] == "circuit_breaker_state == 1"
+    for name in ("AllKeysCircuitBreakerOpen", "MajorityKeysCircuitBreakerOpen"):
+        assert "by (provider)" in queries[name], name
+    for name in ("keypool:keys_out:ratio", "keypool:keys_closed:count"):
+        assert loaded_rules[name]["type"] == "recording", name
+    assert retrips in queries["keypool:circuit_breaker_retrips:increase10m"]
 
 
 def _github_anchors(markdown: str) -> set[str]:
@@ -360,3 +365,29 @@ def test_promql_check_rejects_invalid_queries(tmp_path: Path) -> None:
     result = check_promql(promtool, {"bad:expr": "sum(circuit_breaker_state[1h])"}, tmp_path)
     assert result.returncode != 0
     assert "bad:expr" in result.stdout + result.stderr
+
+
+def _runbook_promql() -> list[str]:
+    return re.findall(r"^```promql\n(.*?)^```", RUNBOOK.read_text(encoding="utf-8"), flags=re.M | re.S)
+
+
+def test_transition_rates_are_per_minute_on_the_dashboard_and_in_the_runbook(
+    dashboard: dict[str, Any],
+) -> None:
+    rate = re.compile(r"rate\(circuit_breaker_state_transitions_total")
+    exprs = [e.strip() for e in _runbook_promql() if rate.search(e)]
+    exprs += [e for e in _dashboard_exprs(dashboard).values() if rate.search(e)]
+    assert len(exprs) >= 2, "the runbook and the dashboard each show a transition rate"
+    for expr in exprs:
+        assert expr.endswith("* 60"), f"not per minute: {expr}"
+    panel = next(p for p in _panels(dashboard) if p["title"] == "State Transitions")
+    assert panel["fieldConfig"]["defaults"]["unit"] == "suffix: /min"
+    assert "per minute" in panel["description"]
+
+
+def test_half_open_panel_counts_trial_successes(dashboard: dict[str, Any]) -> None:
+    panel = next(p for p in _panels(dashboard) if p["title"] == "Half-open trial calls")
+    exprs = {t["legendFormat"]: t["expr"] for t in panel["targets"]}
+    assert "circuit_breaker_half_open_calls_total" in exprs["{{provider}} trials"]
+    assert "circuit_breaker_half_open_successes_total" in exprs["{{provider}} trial successes"]
+    assert not any("successful_requests_total" in e for e in exprs.values())  # every success, not trials

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from typing import Any
 
@@ -429,21 +430,36 @@ def test_backups_serve_when_no_primary_can(clock: FakeClock) -> None:
 
 
 @pytest.mark.anyio
-async def test_acquire_waits_for_the_soonest_recovery_inside_the_deadline(clock: FakeClock) -> None:
+async def test_acquire_waits_for_the_soonest_recovery_inside_max_wait_and_the_deadline(
+    clock: FakeClock,
+) -> None:
     pool = make_pool(clock, primary=2)
     pool.trip(P, "k0")
     clock.advance(10)
     pool.trip(P, "k1")  # k0 back at 1060, k1 at 1070
-    lease = await pool.acquire(P, timeout=55)
+    lease = await pool.acquire(P, timeout=55, max_wait=math.inf)
     assert clock.slept == [50.0]
     assert clock.now() == 1060.0
     assert (lease.key_id, lease.trial) == ("k0", True)
 
 
+@pytest.mark.anyio
+async def test_a_down_pool_is_refused_at_once_by_default(clock: FakeClock) -> None:
+    rec = Recorder()
+    pool = make_pool(clock, primary=2, hooks=(rec,))
+    pool.trip(P)  # back in 60 s: far beyond the default max_wait of 5 s
+    with pytest.raises(NoKeyAvailable) as info:
+        await pool.acquire(P, timeout=600)
+    assert clock.slept == []
+    assert (info.value.reason, info.value.retry_after) == ("open", 60.0)
+    assert "open after failures" in str(info.value)
+    assert rec.of(CallRejected) == [CallRejected(P, "open")]
+
+
 def test_acquire_sync_waits_on_the_clock(clock: FakeClock) -> None:
     pool = make_pool(clock, primary=1)
     pool.trip(P)
-    lease = pool.acquire_sync(P, timeout=60)
+    lease = pool.acquire_sync(P, timeout=60, max_wait=60)
     assert clock.slept == [60.0]
     assert lease.trial
 
@@ -462,7 +478,7 @@ async def test_acquire_raises_at_once_when_recovery_is_beyond_the_deadline(clock
     assert "'p'" in str(info.value)
     assert "45.000" in str(info.value)
     assert isinstance(info.value, KeyPoolError)
-    assert rec.of(CallRejected) == [CallRejected(P, "breaker_open")]
+    assert rec.of(CallRejected) == [CallRejected(P, "open")]
     with pytest.raises(NoKeyAvailable):
         pool.acquire_sync(P, timeout=30)
     with pytest.raises(NoKeyAvailable) as now_info:
@@ -471,15 +487,22 @@ async def test_acquire_raises_at_once_when_recovery_is_beyond_the_deadline(clock
 
 
 @pytest.mark.anyio
-async def test_acquire_waits_for_a_throttle_to_pass(clock: FakeClock) -> None:
+async def test_acquire_waits_for_a_short_throttle_and_refuses_a_long_one(clock: FakeClock) -> None:
     pool = make_pool(clock, primary=1)
-    pool.try_acquire(P).record(Outcome(OutcomeKind.THROTTLED, 429, 30.0))
+    pool.try_acquire(P).record(Outcome(OutcomeKind.THROTTLED, 429, 3.0))
+    lease = await pool.acquire(P, timeout=31)  # a 3 s Retry-After is inside the default max_wait
+    assert clock.slept == [3.0]
+    assert not lease.trial
+    lease.record(Outcome(OutcomeKind.THROTTLED, 429, 30.0))
     with pytest.raises(NoKeyAvailable) as info:
         pool.try_acquire(P)
-    assert info.value.retry_after == pytest.approx(30.0)
-    lease = await pool.acquire(P, timeout=31)
-    assert clock.slept == [30.0]
-    assert not lease.trial
+    assert (info.value.reason, info.value.retry_after) == ("throttled", pytest.approx(30.0))
+    with pytest.raises(NoKeyAvailable) as waited:
+        await pool.acquire(P, timeout=31)
+    assert waited.value.reason == "throttled"
+    assert clock.slept == [3.0]  # refused at once: 30 s is beyond max_wait
+    lease = await pool.acquire(P, timeout=31, max_wait=30)
+    assert clock.slept == [3.0, 30.0]
 
 
 @pytest.mark.anyio
@@ -517,21 +540,22 @@ async def test_waiting_ignores_excluded_keys(clock: FakeClock) -> None:
 
 
 @pytest.mark.anyio
-async def test_acquire_polls_while_keys_are_merely_busy(clock: FakeClock) -> None:
+async def test_a_caller_queued_behind_a_busy_key_gets_it_the_moment_it_frees(clock: FakeClock) -> None:
     pool = make_pool(clock, primary=1, max_concurrency=1)
     held = pool.try_acquire(P)
+    got: list[Lease] = []
 
-    async def give_back() -> None:
-        while clock.now() < 1000.05:
-            await anyio.lowlevel.checkpoint()
-        held.success()
+    async def wait_for_it() -> None:
+        got.append(await pool.acquire(P, timeout=1))
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(give_back)
-        lease = await pool.acquire(P, timeout=1)
-    assert lease.key_id == "k0"
-    assert clock.slept
-    assert all(s <= 0.01 for s in clock.slept)
+        tg.start_soon(wait_for_it)
+        await anyio.wait_all_tasks_blocked()
+        assert pool.capacity(P).waiting == 1
+        held.success()
+    assert [lease.key_id for lease in got] == ["k0"]
+    assert clock.slept == []  # handed over, not polled for
+    assert pool.capacity(P).waiting == 0
 
 
 def test_acquire_with_a_zero_timeout_does_not_wait(clock: FakeClock) -> None:
@@ -542,10 +566,12 @@ def test_acquire_with_a_zero_timeout_does_not_wait(clock: FakeClock) -> None:
     assert clock.slept == []
 
 
-def test_acquire_without_a_timeout_waits_as_long_as_recovery_takes(clock: FakeClock) -> None:
+def test_acquire_without_a_timeout_waits_for_a_recovery_only_inside_max_wait(clock: FakeClock) -> None:
     pool = make_pool(clock, primary=1)
     pool.trip(P)
-    lease = pool.acquire_sync(P)
+    with pytest.raises(NoKeyAvailable):
+        pool.acquire_sync(P)
+    lease = pool.acquire_sync(P, max_wait=math.inf)
     assert lease.trial
     assert sum(clock.slept) == pytest.approx(60.0)
 
@@ -809,7 +835,7 @@ def test_events_for_statuses(clock: FakeClock) -> None:
     assert pool.key_stats("k0")["quarantined"] is True
     with pytest.raises(NoKeyAvailable):
         pool.try_acquire(P)
-    assert rec.of(CallRejected) == [CallRejected(P, "breaker_open")]
+    assert rec.of(CallRejected) == [CallRejected(P, "rejected")]
 
 
 def test_a_caller_error_never_opens_a_breaker(clock: FakeClock) -> None:

@@ -86,29 +86,67 @@ async def test_a_thousand_tasks_on_a_half_open_key(limit: int) -> None:
 
 
 @pytest.mark.anyio
-async def test_a_thousand_waiting_tasks_on_a_half_open_key() -> None:
-    """Tasks that wait (acquire with a deadline) still get no more trials than allowed."""
+async def test_a_thousand_waiting_tasks_on_a_half_open_key_that_closes_10_ms_later() -> None:
+    """Callers that wait queue behind the trials instead of being refused (the key is busy, not
+    down); the trials never exceed the limit, and when the key closes every caller is served."""
     clock = FakeClock()
     pool = half_open_pool(clock)
     go = anyio.Event()
     admitted: list[Lease] = []
-    refused = 0
+    refused: list[NoKeyAvailable] = []
 
     async def contender() -> None:
-        nonlocal refused
         await go.wait()
         try:
             admitted.append(await pool.acquire(P, timeout=1.0))
-        except NoKeyAvailable:
-            refused += 1
+        except NoKeyAvailable as exc:
+            refused.append(exc)
 
     async with anyio.create_task_group() as tg:
         for _ in range(1000):
             tg.start_soon(contender)
         await anyio.wait_all_tasks_blocked()
         go.set()
+        await anyio.wait_all_tasks_blocked()
+        assert len(admitted) == 3  # the trials, no more
+        assert all(lease.trial for lease in admitted)
+        assert pool.capacity(P).waiting == 997
+        clock.advance(0.010)
+        admitted[0].success()
+        admitted[1].success()  # success_threshold 2: closed, and the queue is served at once
+    assert refused == []
+    assert len(admitted) == 1000
+    assert clock.now() == pytest.approx(1060.010)  # served then, not at a deadline or a timer
+    assert pool.capacity(P).waiting == 0
+
+
+@pytest.mark.anyio
+async def test_waiting_tasks_are_refused_at_once_when_the_trials_fail() -> None:
+    clock = FakeClock()
+    pool = half_open_pool(clock)
+    go = anyio.Event()
+    admitted: list[Lease] = []
+    refused: list[NoKeyAvailable] = []
+
+    async def contender() -> None:
+        await go.wait()
+        try:
+            admitted.append(await pool.acquire(P, timeout=30.0))
+        except NoKeyAvailable as exc:
+            refused.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(contender)
+        await anyio.wait_all_tasks_blocked()
+        go.set()
+        await anyio.wait_all_tasks_blocked()
+        admitted[0].failure()  # the key opens again for 60 s: the queue is down, not busy
     assert len(admitted) == 3
-    assert refused == 997
+    assert len(refused) == 197
+    assert {(e.reason, e.retry_after) for e in refused} == {("open", 60.0)}
+    assert clock.now() == 1060.0  # nobody was held to the 30 s deadline
+    assert pool.capacity(P).waiting == 0
 
 
 def test_a_thousand_threads_on_a_half_open_key() -> None:
@@ -241,7 +279,16 @@ async def test_mixed_stress_keeps_every_invariant() -> None:
     threads = [threading.Thread(target=thread_worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
+
+    async def ticker() -> None:
+        # Callers queued behind busy keys wait for a key or their deadline; a worker that holds
+        # leases while it waits needs time to pass, so time passes while anyone still works.
+        while any(t.is_alive() for t in threads):
+            clock.advance(0.01)
+            await anyio.sleep(0.001)
+
     async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
         for i in range(40):
             tg.start_soon(task_worker, 1000 + i)
         for _ in range(500):

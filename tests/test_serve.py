@@ -1,14 +1,21 @@
-"""keypool serve-admin: the TOML loader, keys from the environment, the token policy, exit codes."""
+"""keypool serve-admin: the TOML loader, keys from the environment, the token policy, exit codes,
+the help text, listening before saying so, and an access log without secrets."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 
-from keypool import BreakerConfig, ConfigError, KeyPool
+from keypool import BreakerConfig, ConfigError, KeyPool, fingerprint
 from keypool import _serve as serve
 
 SECRET = "sk-serve-secret-0123456789"
@@ -36,9 +43,15 @@ keys = ["{SECRET}", {{ secret_env = "PPLX_KEY_2", key_id = "pplx-2", weight = 2.
 
 
 def admin(
-    config: str | None = None, host: str = "127.0.0.1", port: int = 8000, insecure_no_token: bool = False
+    config: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    insecure_no_token: bool = False,
+    protect_reads: bool = False,
 ) -> int:
-    return serve.serve_admin(config=config, host=host, port=port, insecure_no_token=insecure_no_token)
+    return serve.serve_admin(
+        config=config, host=host, port=port, insecure_no_token=insecure_no_token, protect_reads=protect_reads
+    )
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -198,9 +211,15 @@ def test_a_token_protects_any_host(host: str) -> None:
 
 @pytest.fixture
 def no_server(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, str, int]]:
-    """Never bind a socket: record what would have been served instead."""
+    """Never serve: record what would have been served, and on which bound address, instead."""
     served: list[tuple[Any, str, int]] = []
-    monkeypatch.setattr(serve, "_run", lambda app, host, port: served.append((app, host, port)))
+
+    def record(app: Any, sock: socket.socket) -> None:
+        with sock:
+            host, port = sock.getsockname()[:2]
+        served.append((app, host, port))
+
+    monkeypatch.setattr(serve, "_run", record)
     for name in ("KEYPOOL_ADMIN_TOKEN", "DEEPSEEK_API_KEYS", "PERPLEXITY_API_KEYS"):
         monkeypatch.delenv(name, raising=False)
     return served
@@ -256,11 +275,12 @@ async def test_serves_the_configured_pool_behind_the_token(
     monkeypatch.setenv("KEYPOOL_ADMIN_TOKEN", "serve-token")
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    assert admin(str(write(tmp_path, GOOD)), port=8123) == 0
+    assert admin(str(write(tmp_path, GOOD))) == 0
     [(app, host, port)] = no_server
-    assert (host, port) == ("127.0.0.1", 8123)
+    assert host == "127.0.0.1"
+    assert port > 0
     err = capsys.readouterr().err
-    assert "deepseek (3 keys)" in err
+    assert f"serving deepseek (3 keys), perplexity (2 keys) on http://127.0.0.1:{port}" in err
     assert "perplexity (2 keys)" in err
     assert SECRET not in err
     async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://t") as http:
@@ -297,5 +317,113 @@ def test_the_keypool_command_calls_serve_admin(
     assert cli.main(["serve-admin", "--config", str(path)]) == 2
     assert "keyz" in capsys.readouterr().err
     good = write(tmp_path, '[[providers]]\nname = "d"\nkeys = ["sk-cli"]\n')
-    assert cli.main(["serve-admin", "--config", str(good), "--port", "9"]) == 0
-    assert [(host, port) for _, host, port in no_server] == [("127.0.0.1", 9)]
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert cli.main(["serve-admin", "--config", str(good), "--port", str(free), "--protect-reads"]) == 0
+    [(_, host, port)] = no_server
+    assert (host, port) == ("127.0.0.1", free)
+    assert "reads and changes need the token" in capsys.readouterr().err
+
+
+def test_serve_admin_help_names_the_token_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    cli = pytest.importorskip("providers.cli")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve-admin", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for words in ("KEYPOOL_ADMIN_TOKEN", "Authorization: Bearer", "--protect-reads", "DEEPSEEK_API_KEYS"):
+        assert words in text, words
+
+
+@pytest.mark.anyio
+async def test_protect_reads_puts_the_reads_behind_the_token(
+    no_server: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYPOOL_ADMIN_TOKEN", "serve-token")
+    monkeypatch.setenv("DEEPSEEK_API_KEYS", "sk-reads-1,sk-reads-2")
+    assert admin(protect_reads=True) == 0
+    [(app, _, _)] = no_server
+    token = {"Authorization": "Bearer serve-token"}
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://t") as http:
+        for url in ("/api/v1/circuit-breaker/stats", "/api/v1/capacity", "/metrics"):
+            assert (await http.get(url)).status_code == 401, url
+            assert (await http.get(url, headers=token)).status_code == 200, url
+        assert (await http.get("/healthz")).status_code == 200
+
+
+def test_protect_reads_without_a_token_is_refused(
+    no_server: list[Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEEPSEEK_API_KEYS", SECRET)
+    assert admin(insecure_no_token=True, protect_reads=True) == 2
+    err = capsys.readouterr().err
+    assert "--protect-reads" in err
+    assert "KEYPOOL_ADMIN_TOKEN" in err
+    assert no_server == []
+
+
+def test_an_address_in_use_exits_1_without_saying_serving(
+    no_server: list[Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KEYPOOL_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("DEEPSEEK_API_KEYS", SECRET)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert admin(port=port) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+    assert "serving" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert no_server == []
+
+
+@pytest.mark.anyio
+async def test_the_access_log_never_shows_a_secret_pasted_into_a_url(
+    no_server: list[Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("KEYPOOL_ADMIN_TOKEN", "serve-token")
+    monkeypatch.setenv("DEEPSEEK_API_KEYS", SECRET)
+    assert admin() == 0
+    [(app, _, _)] = no_server
+    caplog.set_level(logging.INFO, logger="keypool")
+    token = {"Authorization": "Bearer serve-token"}
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://t") as http:
+        assert (await http.post(f"/api/v1/circuit-breaker/{SECRET}/reset", headers=token)).status_code == 404
+        assert (await http.post(f"/api/v1/circuit-breaker/{SECRET}/reset")).status_code == 401
+        assert (await http.get("/api/v1/circuit-breaker/stats")).status_code == 200
+    access = [r.getMessage() for r in caplog.records if r.name == "keypool.admin.access"]
+    assert len(access) == 3
+    masked = f"<{len(SECRET)} characters, fingerprint {fingerprint(SECRET)}>"
+    assert access[0].endswith(f'"POST /api/v1/circuit-breaker/{masked}/reset" 404')
+    assert access[1].endswith(f'"POST /api/v1/circuit-breaker/{masked}/reset" 401')
+    assert access[2].endswith('"GET /api/v1/circuit-breaker/stats" 200')
+    server_side = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("httpx2"))
+    assert SECRET not in server_side
+    assert SECRET[:12] not in server_side
+
+
+def test_serving_is_printed_once_the_port_takes_connections(tmp_path: Path) -> None:
+    """The real command in a child process: the moment it says "serving" on a port, that port
+    answers (no retry loop here: a connection refused would fail the test)."""
+    pytest.importorskip("uvicorn")
+    env = {
+        **os.environ,
+        "KEYPOOL_ADMIN_TOKEN": "serve-token",
+        "DEEPSEEK_API_KEYS": "sk-child-1,sk-child-2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [sys.executable, "-m", "providers.cli", "serve-admin", "--port", "0"]
+    with subprocess.Popen(
+        command, env=env, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stderr is not None
+            line = child.stderr.readline()
+            assert "serving deepseek (2 keys) on http://127.0.0.1:" in line, line
+            url = line.split(" on ", 1)[1].split()[0]
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+                assert response.status == 200
+        finally:
+            child.terminate()
+            child.wait(timeout=30)

@@ -30,6 +30,7 @@ from ._events import (
 )
 from ._lease import Lease
 from ._outcome import Outcome, OutcomeKind, classify_exception, classify_status, parse_retry_after
+from ._policy import CallSettings
 from ._pool import KeyPool
 from ._transport import KeyPoolTransport, SyncKeyPoolTransport
 
@@ -45,6 +46,7 @@ __all__ = [
     "BreakerState",
     "CallRecorded",
     "CallRejected",
+    "CallSettings",
     "Capacity",
     "CapacityStatus",
     "CircuitBreaker",

@@ -8,6 +8,7 @@ in a context variable, so it follows the task (or thread) that opened it and not
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,6 +29,7 @@ class RequestBudget:
     clock: Clock
     tried: list[tuple[str, str]] = field(default_factory=list)
     served_by: tuple[str, str] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def attempts_used(self) -> int:
@@ -40,9 +42,15 @@ class RequestBudget:
         left = self.remaining_time()
         return self.attempts_left <= 0 or (left is not None and left <= 0)
 
-    def spend(self, provider: str, key_id: str) -> None:
-        self.attempts_left -= 1
-        self.tried.append((provider, key_id))
+    def take(self, provider: str, key_id: str) -> bool:
+        """Spend one attempt on ``key_id`` if one is left; atomic, so concurrent requests inside
+        one budget never spend more than it holds."""
+        with self._lock:
+            if self.attempts_left <= 0:
+                return False
+            self.attempts_left -= 1
+            self.tried.append((provider, key_id))
+            return True
 
 
 _current: ContextVar[RequestBudget | None] = ContextVar("keypool_request_budget", default=None)

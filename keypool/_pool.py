@@ -470,6 +470,19 @@ class KeyPool:
         self._emit(events)
         return lease if lease is None or self._claimed(lease) else None
 
+    def healthy_elsewhere(self, provider: str, exclude: Iterable[str] = ()) -> bool:
+        """Whether a serving key not in ``exclude`` is closed with no failures counted (O(excluded)):
+        a failure elsewhere then looks like that key's own, not the provider's."""
+        with self._lock:
+            prov = self._provider(provider)
+            tiers = prov.serving_tiers()
+            clean = sum(t.counts["closed"] - t.failing for t in tiers)
+            for key_id in exclude:
+                key = prov.keys.get(key_id)
+                if key is not None and key.tier in tiers and key.category == "closed" and not key.failing:
+                    clean -= 1
+            return clean > 0
+
     def note_rejected(self, provider: str, reason: str, key_id: str | None = None) -> None:
         """Tell observers a call was refused before reaching a key (e.g. ``load_shed``, ``probe_skipped``)."""
         self._emit([CallRejected(provider, reason, key_id)])

@@ -181,8 +181,8 @@ def plan(
     busy = contested or busy_count(prov, exclude) > 0
     if busy:
         if deadline is not None and now >= deadline:
-            retry = None if timer is None else max(0.0, timer[0] - now)
-            return Plan(False, reason="deadline", retry_after=retry if retry is not None else 0.0)
+            retry = 0.0 if timer is None else max(0.0, timer[0] - now)
+            return Plan(False, reason="busy", retry_after=retry)
         until = deadline
         if timer is not None and (until is None or timer[0] < until):
             until = timer[0]

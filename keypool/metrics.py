@@ -201,6 +201,7 @@ class PoolMetrics:
         for cap in capacities:
             out.backup_active.add_metric([cap.provider], 1.0 if cap.backup_active else 0.0)
             out.healthy_share.add_metric([cap.provider], cap.healthy_share)
+            out.waiting.add_metric([cap.provider], float(cap.waiting))
             tiers = (cap.primary, cap.backup)
             for category in _KEY_CATEGORIES:
                 count = sum(getattr(t, category) for t in tiers)
@@ -346,7 +347,14 @@ class _Families:
         )
         self.healthy_share = GaugeMetricFamily(
             "keypool_capacity_healthy_share",
-            "Share (0..1) of the provider's keys whose breaker is closed.",
+            "Share (0..1) of the provider's serving keys (primaries, and backups while active) whose "
+            "breaker is closed.",
+            labels=["provider"],
+        )
+        self.waiting = GaugeMetricFamily(
+            "keypool_waiting_callers",
+            "Callers queued for a key of the provider (every key busy with calls in flight, or a "
+            "short recovery waited for within max_wait).",
             labels=["provider"],
         )
         self.keys = GaugeMetricFamily(
@@ -372,6 +380,7 @@ class _Families:
             self.rejected,
             self.backup_active,
             self.healthy_share,
+            self.waiting,
             self.keys,
         ]
 

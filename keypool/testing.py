@@ -68,6 +68,13 @@ class FakeClock:
         self.slept.append(seconds)
         self.advance(seconds)
 
+    def _jump_to(self, target: float) -> None:
+        """Sleep until ``target``: callers waiting for the same instant move time there once."""
+        step = target - self._now
+        if step > 0:
+            self.slept.append(step)
+            self.advance(step)
+
     def _at(self, timeout: float | None, wake: Callable[[], None]) -> None:
         if timeout is None:
             return
@@ -79,10 +86,11 @@ class FakeClock:
         """How the pool waits on this clock (see :func:`keypool._waiting.wait_async`)."""
         import anyio
 
-        if timer:  # nothing is busy: only time changes anything, so time jumps
+        if timer:  # nothing is busy: only time changes anything, so time jumps there
+            target = None if timeout is None else self._now + timeout
             await anyio.lowlevel.checkpoint()
-            if not waiter.woken() and timeout is not None:
-                await self.sleep(timeout)
+            if not waiter.woken() and target is not None:
+                self._jump_to(target)
             return
         self._at(timeout, waiter.wake)
         await waiter._wait_async(None)
@@ -90,7 +98,7 @@ class FakeClock:
     def wait_event_sync(self, waiter: Waiter, timeout: float | None, timer: bool) -> None:
         if timer:
             if not waiter.woken() and timeout is not None:
-                self.sleep_sync(timeout)
+                self._jump_to(self._now + timeout)
             return
         self._at(timeout, waiter.wake)
         waiter._wait_sync(None)

@@ -6,8 +6,18 @@ OpenAI-compatible API.
 """
 
 from ._batch import BatchItem, run_batch
+from ._errors import (
+    NoKeyAvailableError,
+    PoolExhaustedError,
+    PoolForbiddenError,
+    PoolRateLimitError,
+    PoolRejectedError,
+    PoolTimeoutError,
+    PoolUnavailableError,
+    StreamInterruptedError,
+)
 from ._health import HealthReport, KeyHealth, Probe
-from ._openai import AsyncPooledOpenAI, NoKeyAvailableError, PooledOpenAI
+from ._openai import AsyncPooledOpenAI, PooledOpenAI
 from .deepseek import DEEPSEEK_BASE_URL, AsyncDeepSeek, DeepSeek
 from .perplexity import PERPLEXITY_BASE_URL, AsyncPerplexity, Perplexity
 
@@ -23,7 +33,14 @@ __all__ = [
     "KeyHealth",
     "NoKeyAvailableError",
     "Perplexity",
+    "PoolExhaustedError",
+    "PoolForbiddenError",
+    "PoolRateLimitError",
+    "PoolRejectedError",
+    "PoolTimeoutError",
+    "PoolUnavailableError",
     "PooledOpenAI",
     "Probe",
+    "StreamInterruptedError",
     "run_batch",
 ]

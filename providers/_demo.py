@@ -166,7 +166,7 @@ async def run_scenario(
         event_log.describe(pool)
     summary = live.summary
     with LoopbackServer(upstream) as server:
-        client = AsyncDeepSeek(pool=pool, base_url=server.base_url, request_timeout=5.0)
+        client = AsyncDeepSeek(pool=pool, base_url=server.base_url, timeout=5.0)
         end = live.started + seconds
         steps = iter(_timeline(seconds))
         pending = next(steps, None)

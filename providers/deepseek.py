@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+from keypool import CallSettings
+
 from ._health import Probe
 from ._openai import AsyncPooledOpenAI, PooledOpenAI
 
@@ -38,6 +40,9 @@ class _DeepSeekSettings:
     env_prefix: ClassVar[str | None] = "DEEPSEEK"
     probe: ClassVar[Probe] = Probe(method="GET", path="/user/balance", status_of=_balance_status)
     require_stream_terminator: ClassVar[bool] = True
+    # DeepSeek answers at once and keeps a waiting call alive with empty lines (or ``: keep-alive``
+    # comments when streaming), so a key that sends no headers within 30 s is failed over.
+    default_settings: ClassVar[CallSettings] = CallSettings(headers_timeout=30.0)
 
 
 class AsyncDeepSeek(_DeepSeekSettings, AsyncPooledOpenAI):

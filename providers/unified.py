@@ -141,10 +141,11 @@ class UnifiedAgent:
         return out
 
     def healthy_share(self, capacities: Mapping[str, Capacity] | None = None) -> float:
-        """Closed keys over all keys of every chat provider together."""
+        """Closed keys over the keys that serve, of every chat provider together (idle backup
+        keys are a reserve, not capacity)."""
         caps = capacities or {r.name: r.client.pool.capacity(r.name) for r in self.routes}
-        total = sum(c.total for c in caps.values())
-        return sum(c.closed for c in caps.values()) / total if total else 0.0
+        total = sum(c.serving for c in caps.values())
+        return sum(c.healthy_share * c.serving for c in caps.values()) / total if total else 0.0
 
     def priority_stats(self) -> dict[str, dict[str, int]]:
         """Accepted and shed calls per priority (for metrics)."""

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -361,6 +363,7 @@ def test_every_contract_metric_is_exposed(registry: CollectorRegistry, metrics: 
         ("keypool_rejected_calls_total", "counter"),
         ("keypool_backup_active", "gauge"),
         ("keypool_capacity_healthy_share", "gauge"),
+        ("keypool_waiting_callers", "gauge"),
         ("keypool_keys", "gauge"),
     ]:
         assert f"# TYPE {name} {kind}\n" in text, name
@@ -443,3 +446,27 @@ def test_bad_buckets_are_refused(pool: KeyPool, registry: CollectorRegistry) -> 
 def test_import_keypool_does_not_import_prometheus_client() -> None:
     code = "import sys, keypool; assert 'prometheus_client' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_callers_waiting_for_a_key_are_a_gauge_from_zero(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    busy = KeyPool.from_keys(
+        P, [KeySpec(secret=SecretStr(SECRETS["a"]), key_id="a", max_concurrency=1)], clock=clock
+    )
+    with instrument(busy, registry):
+        assert value(registry, "keypool_waiting_callers", provider=P) == 0
+        held = busy.try_acquire(P)
+        waiters = [
+            threading.Thread(target=lambda: busy.acquire_sync(P, timeout=30).success()) for _ in range(3)
+        ]
+        for t in waiters:
+            t.start()
+        deadline = time.monotonic() + 10
+        while value(registry, "keypool_waiting_callers", provider=P) != 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert value(registry, "keypool_waiting_callers", provider=P) == 3
+        held.success()  # the queue is served, one after another
+        for t in waiters:
+            t.join(10)
+        assert value(registry, "keypool_waiting_callers", provider=P) == 0

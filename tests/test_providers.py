@@ -486,7 +486,7 @@ def test_clients_are_openai_clients() -> None:
     ]
     for client, base in pairs:
         assert isinstance(client, base)
-        assert client.max_retries == 0
+        assert client.max_retries == openai.DEFAULT_MAX_RETRIES  # the caller's, honoured by the pool
         if isinstance(client, openai.OpenAI):
             client.close()
     assert str(pairs[0][0].base_url).rstrip("/") == "https://api.deepseek.com"
@@ -503,7 +503,9 @@ async def test_with_options_shares_the_pool_and_transport(rig: Rig) -> None:
     assert other.pool is rig.pool
     assert other.keypool_transport is rig.client.keypool_transport
     assert other.timeout == 5.0
-    assert other.max_retries == 0  # failover across keys replaces the SDK's retries
+    assert other.max_retries == 4  # honoured as the endpoint-failure retries across keys
+    assert other.keypool_settings.retries == 4
+    assert rig.client.keypool_settings.retries == openai.DEFAULT_MAX_RETRIES  # the original keeps its own
     rig.upstream.set_fault(SECRETS["alpha"], Fault.status(503))
     await rig.drive_until("alpha", lambda c: c.requests == THRESHOLD, client=other)
     # The breaker that the copy tripped is the original's.
@@ -573,27 +575,38 @@ async def test_no_key_available_is_both_a_keypool_and_an_openai_error(rig: Rig) 
         await rig.chat("x")
     error = info.value
     assert isinstance(error, keypool.NoKeyAvailable)
-    assert isinstance(error, openai.APIConnectionError)
+    assert isinstance(error, openai.InternalServerError)  # taken out by an operator: a 503
+    assert (error.status_code, error.reason, error.retry_after) == (503, "manual", None)
+    assert "retry-after" not in error.response.headers  # nothing comes back by itself
     assert error.provider == "deepseek"
-    assert error.retry_after is None
     assert "deepseek" in str(error)
+    assert error.request.url.path.endswith("/chat/completions")  # the real request, not a stand-in
     assert rig.upstream.total_requests() == 0
 
 
 @pytest.mark.anyio
-async def test_waits_for_a_recovery_inside_the_deadline_else_says_when(make_rig: Callable[..., Rig]) -> None:
-    rig = make_rig("async-asgi", request_timeout=5.0)
+async def test_waits_for_a_recovery_only_inside_max_wait_and_the_deadline(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig("async-asgi")
     rig.pool.trip("deepseek")  # every key open for the breaker timeout (60 s)
-    with pytest.raises(NoKeyAvailable) as info:
+    with pytest.raises(openai.InternalServerError) as info:
         await rig.chat("x")
+    assert isinstance(info.value, NoKeyAvailable)
     assert info.value.retry_after == pytest.approx(60.0)
-    assert isinstance(info.value, openai.APIConnectionError)
+    assert info.value.response.headers["retry-after"] == "60"
     assert rig.upstream.total_requests() == 0
+    assert rig.clock.slept == []  # refused at once: 60 s is beyond max_wait
 
-    patient = make_rig("async-asgi", request_timeout=120.0)
+    patient = make_rig("async-asgi", max_wait=120.0)
     patient.pool.trip("deepseek")
     assert await patient.chat("later") == "later"  # slept (on the fake clock) until half-open
-    assert patient.clock.slept
+    assert sum(patient.clock.slept) == pytest.approx(60.0)
+
+    hurried = patient.client.with_options(timeout=30.0)  # the deadline comes before the recovery
+    patient.pool.trip("deepseek")
+    with pytest.raises(openai.InternalServerError):
+        await patient.chat("x", client=hurried)
     assert sum(patient.clock.slept) == pytest.approx(60.0)
 
 
@@ -704,7 +717,19 @@ def test_invalid_construction_is_a_config_error() -> None:
         AsyncPerplexity(pool=pool)  # the pool has no provider 'perplexity'
     assert AsyncPerplexity(pool=pool, provider="deepseek").provider == "deepseek"
     with pytest.raises(ConfigError, match="http_client"):
-        AsyncDeepSeek(api_keys=["sk-x"], http_client=httpx2.AsyncClient())
+        AsyncDeepSeek(api_keys=["sk-x"], http_client=httpx2.Client())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="http_client"):
+        DeepSeek(api_keys=["sk-x"], http_client=httpx2.AsyncClient())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"request_timeout.*timeout="):
+        AsyncDeepSeek(api_keys=["sk-x"], request_timeout=5.0)
+    with pytest.raises(ConfigError, match="not both"):
+        AsyncDeepSeek(api_key="sk-x", api_keys=["sk-y"])
+    with pytest.raises(ConfigError, match="max_wait"):
+        AsyncDeepSeek(api_keys=["sk-x"], max_wait=-1)
+    with pytest.raises(ConfigError, match="headers_timeout"):
+        AsyncDeepSeek(api_keys=["sk-x"], headers_timeout=0)
+    with pytest.raises(ConfigError, match="max_retries"):
+        AsyncDeepSeek(api_keys=["sk-x"], max_retries=-1)
     with pytest.raises(ConfigError, match="base_url"):
         AsyncPooledOpenAI(api_keys=["sk-x"])
     with pytest.raises(ConfigError, match="base_url"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,6 +17,7 @@ import pytest
 from keypool import (
     CallRecorded,
     CallRejected,
+    CallSettings,
     KeyPool,
     KeyPoolTransport,
     NoKeyAvailable,
@@ -25,7 +27,7 @@ from keypool import (
     SyncKeyPoolTransport,
     request_budget,
 )
-from keypool.testing import FakeClock
+from keypool.testing import FakeClock, FakeUpstream, Fault, LoopbackServer
 
 P = "p"
 BASE = "http://upstream.test/v1"
@@ -346,7 +348,7 @@ def test_sync_bad_request_is_not_retried(clock: FakeClock) -> None:
 
 
 @pytest.mark.anyio
-async def test_never_the_same_key_twice_in_one_request(clock: FakeClock) -> None:
+async def test_a_failure_beside_clean_keys_is_free_then_max_retries_bound_the_rest(clock: FakeClock) -> None:
     pool = make_pool(clock, 4, seed=5)
     upstream = Upstream(4)
     upstream.default = status(503)
@@ -354,8 +356,44 @@ async def test_never_the_same_key_twice_in_one_request(clock: FakeClock) -> None
         with pytest.raises(openai.InternalServerError):
             await client.models.list(extra_headers={"x-test-request": "one"})
     tried = upstream.per_request["one"]
-    assert len(tried) == 4  # the default budget: one attempt per key
-    assert len(set(tried)) == 4
+    # While another key is closed with no failures, a 503 looks like the key's own: each key once,
+    # free. Then the provider looks down: max_retries (2, as in openai) more attempts, no more.
+    assert len(tried) == 4 + 2
+    assert len(set(tried[:4])) == 4  # never the same key twice while another can serve
+    assert len(clock.slept) == 1  # the openai client's backoff before the first reuse only
+    assert 0.375 <= clock.slept[0] <= 0.5
+
+
+@pytest.mark.anyio
+async def test_a_key_is_tried_again_only_when_no_other_can_serve_after_openais_backoff(
+    clock: FakeClock,
+) -> None:
+    pool = make_pool(clock, 2, seed=5)
+    upstream = Upstream(2)
+    upstream.default = status(503)
+    settings = CallSettings(retries=4)
+    async with async_openai(pool, upstream, settings=settings) as client:
+        with pytest.raises(openai.InternalServerError):
+            await client.models.list(extra_headers={"x-test-request": "one"})
+    tried = upstream.per_request["one"]
+    assert len(tried) == 2 + 4  # the first failure beside a clean key is free; then 4 retries
+    for start in (0, 2, 4):  # each round tries both keys before either is reused
+        assert len(set(tried[start : start + 2])) == 2
+    # before each reuse, the openai client's own delays: 0.5 s, then 1 s (less up to a quarter)
+    assert len(clock.slept) == 2
+    for slept, base in zip(clock.slept, (0.5, 1.0), strict=True):
+        assert 0.75 * base <= slept <= base
+
+
+@pytest.mark.anyio
+async def test_key_scope_failures_move_on_without_costing_a_retry(clock: FakeClock) -> None:
+    pool = make_pool(clock, 4, seed=5)
+    upstream = Upstream(4)
+    upstream.default = status(401)
+    upstream.behaviour["k3"] = ok
+    async with async_openai(pool, upstream, settings=CallSettings(retries=0)) as client:
+        await client.models.list(extra_headers={"x-test-request": "one"})
+    assert upstream.per_request["one"][-1] == "k3"  # however many revoked keys came first
 
 
 @pytest.mark.anyio
@@ -425,7 +463,8 @@ async def test_request_waits_for_a_recovery_inside_its_deadline(clock: FakeClock
     pool = make_pool(clock, 1, hooks=(rec,))
     pool.trip(P)
     upstream = Upstream(1)
-    async with async_openai(pool, upstream, timeout=90) as client:
+    patient = CallSettings(max_wait=math.inf)  # a down pool is waited for only within max_wait
+    async with async_openai(pool, upstream, timeout=90, settings=patient) as client:
         await client.models.list()
     assert clock.slept == [60.0]
     assert [(e.outcome, e.trial) for e in rec.recorded()] == [(OutcomeKind.SUCCESS, True)]
@@ -884,3 +923,124 @@ async def test_ndjson_streams_are_streamed_not_buffered(clock: FakeClock) -> Non
             assert await lines.__anext__() == '{"token": 0}'  # before the rest was sent
         released.set()
         assert [line async for line in lines] == ['{"token": 1}']
+
+
+# ---------------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        ("POST", lambda r: httpx2.Response(204)),
+        ("POST", lambda r: httpx2.Response(202, headers={"content-type": "application/json"})),
+        (
+            "POST",
+            lambda r: httpx2.Response(
+                200, headers={"content-type": "application/json", "content-length": "0"}
+            ),
+        ),
+        ("HEAD", lambda r: httpx2.Response(200, headers={"content-type": "application/json"})),
+    ],
+    ids=["204", "202-json-empty", "content-length-0", "head"],
+)
+async def test_a_2xx_that_needs_no_body_is_a_success(clock: FakeClock, method: str, answer: Handler) -> None:
+    pool = make_pool(clock, 2)
+    sent: list[str] = []
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.headers["authorization"])
+        return answer(request)  # type: ignore[no-any-return]
+
+    transport = KeyPoolTransport(pool, P, transport=httpx2.MockTransport(upstream))
+    async with httpx2.AsyncClient(transport=transport) as http:
+        response = await http.request(method, f"{BASE}/mcp")
+    assert 200 <= response.status_code < 300
+    assert len(sent) == 1  # not retried on the other key
+    assert [row["total_successes"] for row in pool.stats()].count(1) == 1
+    assert all(row["failure_count"] == 0 for row in pool.stats())
+
+
+class _OddStream:
+    """A body that is neither an httpx2 byte stream kind this transport watches."""
+
+    def __iter__(self) -> Any:
+        yield b"{}"
+
+
+@pytest.mark.anyio
+async def test_a_body_that_is_not_an_async_byte_stream_leaks_no_lease(clock: FakeClock) -> None:
+    pool = make_pool(clock, 1)
+
+    class Odd(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            return httpx2.Response(200, stream=_OddStream())  # type: ignore[arg-type]
+
+    transport = KeyPoolTransport(pool, P, transport=Odd())
+    response = await transport.handle_async_request(httpx2.Request("GET", f"{BASE}/models"))
+    assert response.status_code == 200
+    assert pool.capacity(P).in_flight == 0
+    assert pool.stats()[0]["total_successes"] == 1
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_in_one_budget_never_overspend_it(clock: FakeClock) -> None:
+    pool = make_pool(clock, 8)
+    upstream = Upstream(8)
+    upstream.default = status(503)
+    async with async_openai(pool, upstream) as client:
+        with request_budget(attempts=5, clock=clock) as budget:
+
+            async def one() -> None:
+                with pytest.raises((openai.APIError, NoKeyAvailable)):
+                    await client.models.list()
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(one)
+    assert sum(upstream.calls.values()) == 5
+    assert budget.attempts_left == 0
+    assert budget.attempts_used == 5
+
+
+@pytest.mark.anyio
+async def test_a_replayable_multipart_body_is_sent_again_byte_for_byte(clock: FakeClock) -> None:
+    pool = make_pool(clock, 2)
+    bodies: list[bytes] = []
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        bodies.append(request.read())
+        return httpx2.Response(503 if len(bodies) == 1 else 200, json={"id": "file-1"})
+
+    transport = KeyPoolTransport(pool, P, transport=httpx2.MockTransport(upstream))
+    async with httpx2.AsyncClient(transport=transport) as http:
+        response = await http.post(
+            f"{BASE}/files", files={"file": ("a.txt", b"hello world")}, data={"purpose": "x"}
+        )
+    assert response.status_code == 200
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+    assert b"hello world" in bodies[1]
+
+
+@pytest.mark.anyio
+async def test_a_timeout_at_the_callers_own_deadline_counts_against_no_key() -> None:
+    secret = secret_of("k0")
+    upstream = FakeUpstream([secret])
+    upstream.set_fault(secret, Fault.hang())
+    pool = KeyPool({"providers": [{"name": P, "keys": [{"secret": secret, "key_id": "k0"}]}]})
+    with LoopbackServer(upstream, shutdown_timeout=0.2) as server:
+        transport = KeyPoolTransport(pool, P)
+        timeout = dict.fromkeys(("connect", "read", "write", "pool"), 0.3)
+        request = httpx2.Request(
+            "GET",
+            f"{server.base_url}/models",
+            extensions={"keypool": {"settings": CallSettings(headers_timeout=None)}, "timeout": timeout},
+        )
+        with pytest.raises(httpx2.ReadTimeout):
+            await transport.handle_async_request(request)
+        await transport.aclose()
+    row = pool.stats()[0]
+    # The caller's 0.3 s ran out while a key worked on it (no time-to-headers limit of its own
+    # came first): nobody's failure.
+    assert (row["failure_count"], row["total_failures"], row["in_flight"]) == (0, 0, 0)

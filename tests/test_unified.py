@@ -27,6 +27,8 @@ from keypool import (
     KeySpec,
     LoadShed,
     NoKeyAvailable,
+    Outcome,
+    OutcomeKind,
     PoolEvent,
 )
 from keypool.testing import FakeClock, FakeUpstream, Fault
@@ -189,14 +191,26 @@ async def test_both_providers_dead_raise_no_key_available_with_retry_after(rig: 
     assert rig.total() == sent
 
 
-async def test_a_down_provider_is_still_tried_last_when_it_recovers_inside_the_deadline(rig: Rig) -> None:
-    rig.trip("ds-1", "ds-2", "ds-3")  # DeepSeek down, back in OPEN_TIMEOUT
+async def test_a_down_provider_is_still_tried_last_when_it_recovers_inside_max_wait(rig: Rig) -> None:
+    for key_id in DEEPSEEK:  # DeepSeek throttled for 3 s: down, but back within max_wait (5 s)
+        rig.pool.try_acquire("deepseek", exclude=set(DEEPSEEK) - {key_id}).record(
+            Outcome(OutcomeKind.THROTTLED, 429, 3.0)
+        )
     rig.kill("perplexity")
     assert rig.pool.capacity("deepseek").status == "down"
     answer = await rig.agent(timeout=OPEN_TIMEOUT * 2).chat(model="deepseek-chat", messages=messages())
-    assert answer.provider == "deepseek"  # waited (on the fake clock) for its half-open trial
-    assert rig.clock.slept
-    assert sum(rig.clock.slept) <= OPEN_TIMEOUT + 1
+    assert answer.provider == "deepseek"  # waited (on the fake clock) for the throttle to pass
+    assert sum(rig.clock.slept) == pytest.approx(3.0)
+
+
+async def test_a_down_provider_is_not_waited_for_beyond_max_wait(rig: Rig) -> None:
+    rig.trip("ds-1", "ds-2", "ds-3")  # DeepSeek down, back in OPEN_TIMEOUT: far beyond max_wait
+    rig.kill("perplexity")
+    with pytest.raises(NoKeyAvailable) as info:
+        await rig.agent(timeout=OPEN_TIMEOUT * 2).chat(model="deepseek-chat", messages=messages())
+    assert info.value.retry_after == pytest.approx(1.0)  # Perplexity's keys are still in service
+    assert rig.clock.slept == []
+    assert rig.ds.total_requests() == 0
 
 
 async def test_a_bad_request_is_raised_at_once_without_fallback(rig: Rig) -> None:
@@ -304,6 +318,24 @@ def _in_service(rig: Rig, key_id: str) -> bool:
 
 
 # -- load shedding --------------------------------------------------------------------------------
+
+
+async def test_idle_quarantined_backups_do_not_shed_low_priority_calls() -> None:
+    upstream = FakeUpstream(["sk-idle-p1-xxxx", "sk-idle-p2-xxxx"], flavor="deepseek")
+    client = AsyncDeepSeek(
+        api_keys=["sk-idle-p1-xxxx", "sk-idle-p2-xxxx"],
+        backup_keys=["sk-idle-b1-xxxx", "sk-idle-b2-xxxx", "sk-idle-b3-xxxx"],
+        base_url="http://deepseek.test",
+        transport=httpx2.ASGITransport(app=upstream),
+    )
+    for row in client.pool.stats():
+        if row["tier"] == "backup":
+            client.pool.quarantine(row["key_id"])
+    agent = UnifiedAgent([ChatRoute(client)])
+    assert agent.healthy_share() == 1.0  # the two serving primaries are healthy: 2/2, not 2/5
+    answer = await agent.chat(model="deepseek-chat", messages=messages(), priority="low")
+    assert answer.provider == "deepseek"
+    await client.close()
 
 
 async def test_low_priority_is_shed_at_once_when_capacity_is_critical(rig: Rig) -> None:

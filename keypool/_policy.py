@@ -1,0 +1,270 @@
+"""What one request may still do: the decisions between its attempts, with no I/O.
+
+A request has one deadline and one budget. :class:`RequestPlan` holds both and answers the
+transport's questions: which keys to leave out of the next lease, whether a failed attempt is
+retried, how long to back off before a key that already failed is tried again, and what limits
+the next attempt runs under. It reads the clock it is given and never sleeps or sends anything,
+so every decision is tested on a fake clock.
+
+The rules (the outcome table in ``docs/architecture.md``):
+
+* a failure that is the key's (429, 401/403, 402) moves the request to another key and costs no
+  retry, up to the number of keys;
+* an endpoint failure (5xx, 408, timeouts, resets, a stream cut before its first byte) costs one
+  of ``retries`` (``max_retries``, 2 by default, as in the ``openai`` client), unless another key
+  of the provider is closed with no failures counted: then the failure looks like the key's own
+  and moving on is free;
+* a key already tried is tried again only when no other key can serve, after a failure with the
+  ``openai`` client's own backoff (0.5 s, then 1 s, ... up to 8 s, less up to a quarter), or after
+  a throttle whose Retry-After the pool may wait for (``max_wait``);
+* nothing outlasts the deadline: waits for a key, every attempt and every backoff.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from ._budget import RequestBudget
+from ._errors import ConfigError
+from ._outcome import Outcome, OutcomeKind
+
+__all__ = ["EXTENSION", "CallSettings", "RequestPlan", "deadline_of"]
+
+#: The ``httpx2.Request.extensions`` key under which a client passes a request's settings.
+EXTENSION = "keypool"
+
+_STREAM_HEADERS_TIMEOUT = 30.0  # every OpenAI-compatible server sends a stream's headers at once
+_BACKOFF_FIRST, _BACKOFF_CAP = 0.5, 8.0  # the openai client's own retry delays
+
+
+HeadersTimeout = float | Literal["auto"] | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """How a call may spend its time and attempts; a client's defaults, overridable per request.
+
+    ``retries``: endpoint failures retried (the ``openai`` client's ``max_retries``).
+    ``max_attempts``: a hard cap on attempts of every kind (default: the keys plus ``retries``).
+    ``max_wait``: seconds a call may wait for a down provider's soonest recovery (``None``: the
+    provider's own ``max_wait``). ``headers_timeout``: the longest one attempt may wait for the
+    response to start, and for any one read after that, before the next key is tried; ``"auto"``
+    is 30 s for streamed calls (servers send a stream's headers at once) and half the call's
+    deadline otherwise; ``None`` is no limit beyond the deadline. ``attempt_timeout``: a hard cap
+    on one attempt, body included. ``stream_idle_timeout``: the longest silence inside a stream.
+    """
+
+    retries: int = 2
+    max_attempts: int | None = None
+    max_wait: float | None = None
+    headers_timeout: HeadersTimeout = "auto"
+    attempt_timeout: float | None = None
+    stream_idle_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ConfigError(f"max_retries: must be an integer >= 0 (got {self.retries!r})")
+        if self.max_attempts is not None and (
+            not isinstance(self.max_attempts, int)
+            or isinstance(self.max_attempts, bool)
+            or self.max_attempts < 1
+        ):
+            raise ConfigError(f"max_attempts: must be an integer >= 1 or None (got {self.max_attempts!r})")
+        _seconds("max_wait", self.max_wait, zero=True)
+        if self.headers_timeout != "auto":
+            _seconds("headers_timeout", self.headers_timeout)
+        _seconds("attempt_timeout", self.attempt_timeout)
+        _seconds("stream_idle_timeout", self.stream_idle_timeout)
+
+    def merged(self, changes: Mapping[str, Any]) -> CallSettings:
+        """A copy with ``changes`` (only the fields given), validated again."""
+        unknown = set(changes) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown call setting(s) {sorted(unknown)}; allowed: {sorted(self.__dataclass_fields__)}"
+            )
+        return replace(self, **changes)
+
+    def headers_limit(self, stream: bool, total: float | None) -> float | None:
+        """The time-to-headers limit of one attempt for a call with deadline ``total`` seconds."""
+        if self.headers_timeout != "auto":
+            return self.headers_timeout
+        if stream:
+            return _STREAM_HEADERS_TIMEOUT
+        return None if total is None else total / 2
+
+
+def _count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _seconds(name: str, value: object, *, zero: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    if not ok or (value < 0 if zero else value <= 0):  # type: ignore[operator]
+        bound = ">= 0" if zero else "> 0"
+        raise ConfigError(f"{name}: must be a number of seconds {bound}, or None (got {value!r})")
+
+
+def deadline_of(timeout: Mapping[str, float | None] | None) -> float | None:
+    """The whole-call deadline (seconds) in an ``httpx2`` request's timeout: its longest phase.
+
+    ``openai`` turns ``timeout=30`` into 30 s for every phase and its default into 600 s with a
+    5 s connect: the deadline is then 30 s or 600 s. ``None`` anywhere but ``connect`` means none.
+    """
+    if not timeout:
+        return None
+    phases = [timeout.get(name) for name in ("read", "write", "pool")]
+    if any(value is None for value in phases):
+        return None
+    return max(float(value) for value in phases if value is not None)
+
+
+@dataclass
+class RequestPlan:
+    """One request's deadline, budget and memory of what was tried (see the module docstring)."""
+
+    started: float
+    deadline: float | None
+    settings: CallSettings
+    attempts_left: int
+    replayable: bool
+    stream: bool = False
+    shared: RequestBudget | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    tried: set[str] = field(default_factory=set)
+    exclude: frozenset[str] = frozenset()
+    retries_left: int = 0
+    last_kind: OutcomeKind | None = None
+    backoffs: int = 0
+    deadline_bound: bool = False  # the current attempt's reads end at the caller's deadline
+
+    def __post_init__(self) -> None:
+        self.retries_left = self.settings.retries
+
+    @classmethod
+    def start(
+        cls,
+        now: float,
+        *,
+        total: float | None,
+        settings: CallSettings,
+        keys: int,
+        replayable: bool,
+        stream: bool = False,
+        shared: RequestBudget | None = None,
+    ) -> RequestPlan:
+        """A request's plan: ``total`` seconds to its deadline, ``keys`` keys to fail over to."""
+        attempts = settings.max_attempts or max(1, keys + settings.retries)
+        deadline = None if total is None else now + total
+        if shared is not None:  # an enclosing request_budget() caps attempts and the deadline
+            attempts = max(1, min(attempts, shared.attempts_left))
+            left = shared.remaining_time()
+            if left is not None:
+                end = now + max(0.0, left)
+                deadline = end if deadline is None else min(deadline, end)
+        return cls(
+            started=now,
+            deadline=deadline,
+            settings=settings,
+            attempts_left=attempts,
+            replayable=replayable,
+            stream=stream,
+            shared=shared,
+        )
+
+    # ----------------------------------------------------------------- time
+
+    def remaining(self, now: float) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - now)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def attempt_limits(
+        self, now: float, timeout: Mapping[str, float | None] | None
+    ) -> dict[str, float | None]:
+        """The ``httpx2`` timeouts of the next attempt: the request's own, each no longer than the
+        time left, and reads no longer than the time-to-headers limit."""
+        left = self.remaining(now)
+        total = None if self.deadline is None else self.deadline - self.started
+        headers = self.settings.headers_limit(self.stream, total)
+        current = dict(timeout or {})
+        read = current.get("read")
+        # A timeout of this attempt is then the caller's own deadline, not a silent key.
+        self.deadline_bound = left is not None and all(b is None or left <= b for b in (headers, read))
+        out: dict[str, float | None] = {}
+        for name in ("connect", "read", "write", "pool"):
+            value = current.get(name)
+            for bound in (left, headers if name == "read" else None):
+                if bound is not None:
+                    value = bound if value is None else min(value, bound)
+            out[name] = value
+        return out
+
+    def hard_limit(self, now: float) -> float | None:
+        """A cap on the whole attempt, body included: ``attempt_timeout``, never past the deadline."""
+        cap = self.settings.attempt_timeout
+        if cap is None:
+            return None
+        left = self.remaining(now)
+        return cap if left is None else min(cap, left)
+
+    # ----------------------------------------------------------------- attempts
+
+    def begin(self, key_id: str, provider: str) -> bool:
+        """Count an attempt on ``key_id``; ``False`` if a shared budget has none left for it."""
+        if self.shared is not None and not self.shared.take(provider, key_id):
+            return False
+        self.attempts_left -= 1
+        self.tried.add(key_id)
+        self.exclude = self.exclude | {key_id}
+        return True
+
+    def retry_after(self, outcome: Outcome, now: float, *, healthy_elsewhere: bool = False) -> bool:
+        """Whether the request goes on after an attempt with this (non-success) outcome.
+
+        ``healthy_elsewhere``: another key of the provider is closed with no failures counted, so
+        this failure looks like the key's own and moving on costs no retry.
+        """
+        kind = outcome.kind
+        self.last_kind = kind
+        if not kind.retry_elsewhere or not self.replayable:
+            return False
+        if self.attempts_left <= 0 or self.expired(now):
+            return False
+        if kind is OutcomeKind.FAILURE and not healthy_elsewhere:
+            if self.retries_left <= 0:
+                return False
+            self.retries_left -= 1
+        return True
+
+    def look_again(self, now: float) -> float | None:
+        """No other key can serve: seconds to back off before the keys already tried are looked
+        at again, or ``None`` if the request has nothing left to try with.
+
+        Inside a :func:`~keypool.request_budget` (a caller with other routes, such as
+        ``UnifiedAgent``) keys are not reused: the next route is the better retry. Reusing a key
+        after a throttle costs a retry, as the ``openai`` client's retry of a 429 does.
+        """
+        if not self.exclude or self.attempts_left <= 0 or self.last_kind is None or self.shared is not None:
+            return None
+        if self.last_kind is OutcomeKind.THROTTLED:
+            if self.retries_left <= 0:
+                return None
+            self.retries_left -= 1
+        if self.last_kind is OutcomeKind.FAILURE:
+            delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (1 - 0.25 * self.rng.random())
+            self.backoffs += 1
+        else:
+            delay = 0.0  # a throttle: the pool waits for the Retry-After if it is short enough
+        left = self.remaining(now)
+        if left is not None and delay >= left:
+            return None
+        self.exclude = frozenset()
+        return delay

@@ -1,0 +1,125 @@
+"""RequestPlan and CallSettings: a request's decisions between attempts, on a fake clock."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from keypool import CallSettings, ConfigError, Outcome, OutcomeKind
+from keypool._policy import RequestPlan, deadline_of
+
+FAIL = Outcome(OutcomeKind.FAILURE, 503)
+THROTTLED = Outcome(OutcomeKind.THROTTLED, 429, 2.0)
+REJECTED = Outcome(OutcomeKind.REJECTED, 401)
+BAD = Outcome(OutcomeKind.CALLER_ERROR, 400)
+
+
+def plan(total: float | None = 60.0, keys: int = 3, **settings: object) -> RequestPlan:
+    p = RequestPlan.start(
+        1000.0,
+        total=total,
+        settings=CallSettings(**settings),
+        keys=keys,
+        replayable=True,  # type: ignore[arg-type]
+    )
+    p.rng = random.Random(1)
+    return p
+
+
+def test_the_deadline_is_the_longest_phase_of_openais_timeout() -> None:
+    assert deadline_of({"connect": 5.0, "read": 600.0, "write": 600.0, "pool": 600.0}) == 600.0
+    assert deadline_of(dict.fromkeys(("connect", "read", "write", "pool"), 0.5)) == 0.5
+    assert deadline_of({"connect": 5.0, "read": None, "write": 600.0, "pool": 600.0}) is None
+    assert deadline_of(None) is None
+
+
+def test_attempt_limits_keep_connect_cap_reads_at_the_headers_limit_and_nothing_outlasts_the_deadline() -> (
+    None
+):
+    p = plan(total=600.0)
+    limits = p.attempt_limits(1000.0, {"connect": 5.0, "read": 600.0, "write": 600.0, "pool": 600.0})
+    assert limits == {"connect": 5.0, "read": 300.0, "write": 600.0, "pool": 600.0}  # auto: half
+    streamed = plan(total=600.0)
+    streamed.stream = True
+    assert streamed.attempt_limits(1000.0, {"read": 600.0})["read"] == 30.0
+    late = p.attempt_limits(1599.0, {"connect": 5.0, "read": 600.0, "write": 600.0, "pool": 600.0})
+    assert late == {"connect": 1.0, "read": 1.0, "write": 1.0, "pool": 1.0}
+    assert p.deadline_bound  # an attempt that times out now ran into the caller's own deadline
+
+
+def test_a_failure_beside_a_clean_key_is_free_and_otherwise_costs_a_retry() -> None:
+    p = plan(keys=3, retries=1)
+    assert p.begin("a", "x")
+    assert p.retry_after(FAIL, 1000.0, healthy_elsewhere=True)
+    assert p.retries_left == 1
+    assert p.begin("b", "x")
+    assert p.retry_after(FAIL, 1000.0)
+    assert p.retries_left == 0
+    assert p.begin("c", "x")
+    assert not p.retry_after(FAIL, 1000.0)  # max_retries=1 is spent
+
+
+def test_key_scope_outcomes_move_on_for_free_and_caller_errors_never_do() -> None:
+    p = plan(retries=0)
+    for key in ("a", "b"):
+        assert p.begin(key, "x")
+        assert p.retry_after(REJECTED, 1000.0)
+    assert p.retries_left == 0
+    assert not p.retry_after(BAD, 1000.0)
+
+
+def test_look_again_backs_off_like_openai_then_stops() -> None:
+    p = plan(keys=1, retries=3)
+    delays = []
+    for _ in range(3):
+        assert p.begin("a", "x")
+        assert p.retry_after(FAIL, 1000.0)
+        delay = p.look_again(1000.0)
+        assert delay is not None
+        delays.append(delay)
+    for delay, base in zip(delays, (0.5, 1.0, 2.0), strict=True):
+        assert 0.75 * base <= delay <= base
+    assert p.begin("a", "x")
+    assert not p.retry_after(FAIL, 1000.0)
+
+
+def test_look_again_after_a_throttle_costs_a_retry_and_never_outlasts_the_deadline() -> None:
+    p = plan(keys=1, retries=1, max_attempts=5)
+    assert p.begin("a", "x")
+    assert p.retry_after(THROTTLED, 1000.0)
+    assert p.look_again(1000.0) == 0.0  # the pool waits for the Retry-After if it may
+    assert p.retries_left == 0
+    assert p.begin("a", "x")
+    assert p.retry_after(THROTTLED, 1000.0)
+    assert p.look_again(1000.0) is None  # no retry left for a second reuse
+    short = plan(total=0.2, keys=1, retries=2)
+    assert short.begin("a", "x")
+    assert short.retry_after(FAIL, 1000.0)
+    assert short.look_again(1000.0) is None  # a 0.5 s backoff would pass the deadline
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("retries", -1),
+        ("retries", True),
+        ("max_attempts", 0),
+        ("max_wait", -0.5),
+        ("max_wait", math.nan),
+        ("headers_timeout", 0),
+        ("headers_timeout", "soon"),
+        ("attempt_timeout", -1),
+        ("stream_idle_timeout", 0),
+    ],
+)
+def test_bad_settings_name_the_option(field: str, value: object) -> None:
+    name = "max_retries" if field == "retries" else field
+    with pytest.raises(ConfigError, match=name):
+        CallSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_merged_refuses_unknown_settings() -> None:
+    with pytest.raises(ConfigError, match="allowed"):
+        CallSettings().merged({"request_timeout": 5})

@@ -201,7 +201,7 @@ def test_quick_study_writes_an_agreeing_document(tmp_path: object) -> None:
     out = Path(str(tmp_path))
     doc = out / "doc.md"
     doc.write_text("intro\n<!-- study:exact -->\nold\n<!-- /study:exact -->\nend\n")
-    assert study_command(out=str(out), doc=str(doc), quick=True, jobs=1) == 0
+    assert study_command(out=str(out), doc=str(doc), quick=True, jobs=2) == 0
     data = json.loads((out / RESULTS_FILE).read_text())
     assert data["schema"] == "keypool-threshold-study/1"
     assert data["agreement"]["all_agree"]

@@ -10,26 +10,37 @@ decide the answer, record it, and fail over to another key (never the same one t
 request has attempts and time left. No real sleep, no event loop: hours of virtual time run in
 seconds.
 
+A request that finds no key waits the way :meth:`~keypool.KeyPool.acquire` does, told apart by the
+refusal's ``reason``: a *busy* provider (a call in flight frees a key) queues it, first come first
+served, until its deadline; a *down* one only if the soonest recovery (``retry_after``) is within
+the request's ``max_wait`` and deadline, else it is refused at once. The queue is the engine's own
+(the pool's queue serves callers blocked in ``acquire``, and nothing blocks here), served the way
+the pool serves its own: whenever an outcome is recorded or a waiter's wait ends, waiters are
+handed keys in arrival order before anything else happens at that instant. A refusal the pool
+reported for a request that then waits is not passed on to the hooks, as ``acquire`` reports none.
+
 One shortcut, exact by construction: when a provider refuses a request and has no attempt in
-flight, nothing can change before the soonest recovery the pool announces, so arrivals until then
-are counted as refused without asking the pool again (``fast_refusals=False`` turns this off, for
-an event log that must show every refusal).
+flight, nothing can change before the soonest recovery the pool announces, so arrivals that would
+find it further away than they may wait are counted as refused without asking the pool again
+(``fast_refusals=False`` turns this off, for an event log that must show every refusal).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .._errors import NoKeyAvailable
-from .._events import Hook, KeyStateChanged, PoolEvent
-from .._outcome import OutcomeKind
+from .._events import CallRejected, Hook, KeyStateChanged, PoolEvent
+from .._outcome import IGNORED, OutcomeKind
+from .._policy import CallSettings, RequestPlan
 from .._pool import KeyPool, Lease
 from ..testing import FakeClock
 from ._faults import TIMEOUT_OUTCOME, Answer, compile_faults
@@ -37,9 +48,15 @@ from ._scenario import Scenario, Traffic
 
 __all__ = ["Answers", "SimResult", "Simulation", "StateChange", "simulate"]
 
+log = logging.getLogger("keypool.sim")
+
 _ORIGIN = 1000.0  # the fake clock's reading at t = 0 (a breaker treats 0.0 as "never")
-_WASTED = frozenset({OutcomeKind.FAILURE, OutcomeKind.THROTTLED, OutcomeKind.REJECTED, OutcomeKind.EXHAUSTED})
-_ARRIVAL, _DONE, _RETRY, _WORKER, _CALL = range(5)
+# Attempts that reached the upstream and did not answer (IGNORED: cut off by the caller's deadline).
+_WASTED = frozenset(OutcomeKind) - {OutcomeKind.SUCCESS, OutcomeKind.CALLER_ERROR}
+_ARRIVAL, _DONE, _WAKE, _RETRY, _WORKER, _CALL = range(6)
+# try_acquire's reason for "only a call in flight ending frees a key" (it never waits, so a busy
+# provider is a refusal there; ``KeyPool.acquire`` would queue the caller).
+_BUSY = "busy"
 
 
 class Answers(Protocol):
@@ -71,6 +88,8 @@ class SimResult:
     refused: int = 0  # no key could take it, before any attempt
     failed: int = 0  # attempts tried and none answered (or the deadline passed)
     caller_errors: int = 0
+    waited: int = 0  # requests that waited for a key at least once (busy queue or a near recovery)
+    refusals: Counter[str] = field(default_factory=Counter)  # refused requests by NoKeyAvailable.reason
     attempts: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
     transitions: list[StateChange] = field(default_factory=list)
     request_seconds: float = 0.0
@@ -118,15 +137,28 @@ class SimResult:
 
 
 class _Request:
-    __slots__ = ("attempts_left", "deadline", "started", "traffic", "tried", "worker")
+    """One request in flight: the transport's own :class:`RequestPlan` decides its attempts."""
 
-    def __init__(self, traffic: _Stream, started: float, worker: int | None) -> None:
+    __slots__ = ("answered", "deadline", "plan", "queued", "started", "traffic", "until", "worker")
+
+    def __init__(self, traffic: _Stream, started: float, worker: int | None, rng: random.Random) -> None:
         self.traffic = traffic
         self.started = started
-        self.deadline = started + traffic.spec.request_timeout
-        self.attempts_left = traffic.max_attempts
-        self.tried: list[str] = []
         self.worker = worker
+        self.deadline = started + traffic.spec.request_timeout
+        # RequestPlan.start without a shared budget, with the run's generator for the backoff's
+        # jitter (start would seed a fresh one per request from the OS: slow and not reproducible).
+        self.plan = RequestPlan(
+            started=started,
+            deadline=self.deadline,
+            settings=traffic.settings,
+            attempts_left=traffic.max_attempts,
+            replayable=True,
+            rng=rng,
+        )
+        self.answered = False  # an attempt was made (a later refusal fails it rather than refuses it)
+        self.queued = False  # waiting in its provider's queue
+        self.until = 0.0  # when its current wait ends (it then looks again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +171,33 @@ class _Attempt:
 class _Stream:
     """One traffic spec at run time: its arrival instants and its request settings."""
 
-    __slots__ = ("arrivals", "end", "max_attempts", "provider", "spec")
+    __slots__ = (
+        "arrivals",
+        "end",
+        "max_attempts",
+        "max_wait",
+        "provider",
+        "refused_until",
+        "settings",
+        "spec",
+    )
 
-    def __init__(self, spec: Traffic, key_count: int, rng: random.Random, horizon: float) -> None:
+    def __init__(
+        self, spec: Traffic, key_count: int, max_wait: float, rng: random.Random, horizon: float
+    ) -> None:
         self.spec = spec
         self.provider = spec.provider
-        self.max_attempts = spec.max_attempts or key_count
+        self.max_wait = max_wait if spec.max_wait is None else spec.max_wait
+        self.settings = CallSettings(
+            retries=spec.retries,
+            max_attempts=spec.max_attempts,
+            max_wait=spec.max_wait,
+            headers_timeout=spec.headers_timeout,
+            attempt_timeout=spec.attempt_timeout,
+        )
+        self.max_attempts = spec.max_attempts or max(1, key_count + spec.retries)
+        # Arrivals before this instant are refused for this reason (see fast_refusals).
+        self.refused_until: tuple[float, str] = (-1.0, "")
         self.end = min(horizon, math.inf if spec.end is None else spec.end)
         self.arrivals: Iterator[float] = iter(())
         if spec.workers is None:
@@ -202,22 +255,29 @@ class Simulation:
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
         self._in_flight: Counter[str] = Counter()
-        self._refused_until: dict[str, float] = {}
+        self._queues: dict[str, deque[_Request]] = {p.name: deque() for p in scenario.providers}
+        self._serving: set[str] = set()
+        self._serve_again: set[str] = set()
+        self._hooks = list(hooks)
+        self._held: list[PoolEvent] = []  # refusals of the last try_acquire, until we know it is one
         self._answers: dict[tuple[str, str], Answers] = dict(compile_faults(scenario, seed))
         self._answers.update(answers or {})
         self.pool = KeyPool(
             {"providers": [p.pool_config() for p in scenario.providers]},
             clock=self.clock,
-            hooks=[self._on_event, *hooks],
+            hooks=[self._on_event],
             seed=seed,
         )
         for key in self._answers:
             self.result.attempts[key] = Counter()
         rng = random.Random(f"keypool.sim:{seed}:traffic")
+        max_waits = {p.name: p.max_wait for p in scenario.providers}
         self._streams = [
-            _Stream(t, self.pool.key_count(t.provider), rng, scenario.duration) for t in scenario.traffic
+            _Stream(t, self.pool.key_count(t.provider), max_waits[t.provider], rng, scenario.duration)
+            for t in scenario.traffic
         ]
         self._worker_rng = rng
+        self._backoff_rng = random.Random(f"keypool.sim:{seed}:backoff")
 
     # ------------------------------------------------------------------ control
 
@@ -238,6 +298,10 @@ class Simulation:
         heapq.heappush(self._events, (t, next(self._seq), code, item))
 
     def _on_event(self, event: PoolEvent) -> None:
+        if isinstance(event, CallRejected):
+            self._held.append(event)
+            return
+        self._forward(event)
         if isinstance(event, KeyStateChanged):
             change = StateChange(
                 event.at - _ORIGIN,
@@ -250,6 +314,13 @@ class Simulation:
             self.result.transitions.append(change)
             for callback in self.on_change:
                 callback(self, change)
+
+    def _forward(self, event: PoolEvent) -> None:
+        for hook in self._hooks:
+            try:
+                hook(event)
+            except Exception:  # as the pool treats a failing hook: logged, the run goes on
+                log.exception("keypool.sim hook %r failed on %s", hook, type(event).__name__)
 
     # ------------------------------------------------------------------ the loop
 
@@ -287,6 +358,10 @@ class Simulation:
                 self._in_flight[request.traffic.provider] -= 1
                 if self._complete(request, lease, answer, t):
                     self._attempt(request, t)
+            elif code == _WAKE:
+                assert isinstance(item, _Request)
+                if item.queued and item.until == t:  # else served or re-planned since
+                    self._serve(item.traffic.provider, t)
             elif code == _RETRY:
                 assert isinstance(item, _Request)
                 self._attempt(item, t)
@@ -294,6 +369,8 @@ class Simulation:
                 stream, worker = item  # type: ignore[misc]
                 self._arrive(stream, t, worker)
             else:
+                for stream in self._streams:  # an operator action may bring keys back early
+                    stream.refused_until = (-1.0, "")
                 item(self)  # type: ignore[operator]
         end = duration if not self._stopped else self.now
         if not self._stopped and _ORIGIN + end > clock.now():
@@ -305,61 +382,181 @@ class Simulation:
     def _arrive(self, stream: _Stream, t: float, worker: int | None) -> None:
         result = self.result
         result.requests += 1
-        if self._fast_refusals and t < self._refused_until.get(stream.provider, -1.0):
+        until, reason = stream.refused_until
+        if self._fast_refusals and t < until:
             result.refused += 1
+            result.refusals[reason] += 1
             self._finished(stream, worker, t)
             return
-        self._attempt(_Request(stream, t, worker), t)
+        self._attempt(_Request(stream, t, worker, self._backoff_rng), t)
+
+    def _lease(self, provider: str, exclude: frozenset[str]) -> Lease:
+        """``try_acquire``, holding back the refusal it reports until the caller is known to get none."""
+        self._held.clear()
+        return self.pool.try_acquire(provider, exclude=exclude)
 
     def _attempt(self, request: _Request, t: float) -> None:
-        stream = request.traffic
-        provider = stream.provider
+        """Lease keys for ``request`` and try them until one is in flight, or it waits or ends."""
         while True:
             try:
-                lease = self.pool.try_acquire(provider, exclude=request.tried)
+                lease = self._lease(request.traffic.provider, request.plan.exclude)
             except NoKeyAvailable as refusal:
-                self._no_key(request, t, refusal.retry_after)
+                self._no_key(request, t, refusal)
                 return
-            request.tried.append(lease.key_id)
-            request.attempts_left -= 1
-            answer = self._answers[(provider, lease.key_id)].answer(t)
-            limit = min(stream.spec.attempt_timeout, request.deadline - t)
-            latency = answer.latency
-            if latency is None or latency > limit:  # no answer in time: the attempt times out
-                answer = _timed_out(answer)
-                latency = max(0.0, limit)
-            if latency > 0.0:
-                self._in_flight[provider] += 1
-                self._push(t + latency, _DONE, _Attempt(request, lease, answer))
-                return
-            if not self._complete(request, lease, answer, t):
+            if not self._start(request, lease, t):
                 return
 
-    def _no_key(self, request: _Request, t: float, retry_after: float | None) -> None:
+    def _start(self, request: _Request, lease: Lease, t: float) -> bool:
+        """Send one attempt; True if it was answered at once and the request goes on to another key."""
         stream = request.traffic
-        waited = t - request.started
-        wait = retry_after
-        if wait is not None and waited + wait <= stream.spec.max_wait and t + wait < request.deadline:
-            self._push(t + max(wait, 1e-6), _RETRY, request)
+        provider = stream.provider
+        plan = request.plan
+        plan.begin(lease.key_id, provider)
+        request.answered = True
+        answer = self._answers[(provider, lease.key_id)].answer(t)
+        # The transport's limits: reads end at the time-to-headers limit or the deadline, the
+        # whole attempt at attempt_timeout (this engine's answers arrive whole, in one read).
+        limits = [v for v in (plan.attempt_limits(t, None)["read"], plan.hard_limit(t)) if v is not None]
+        limit = min(limits, default=math.inf)
+        latency = answer.latency
+        if latency is None or latency > limit:  # no answer in time: the attempt times out
+            answer = _timed_out(answer)
+            latency = max(0.0, limit)
+        if latency > 0.0:
+            self._in_flight[provider] += 1
+            self._push(t + latency, _DONE, _Attempt(request, lease, answer))
+            return False
+        return self._complete(request, lease, answer, t)
+
+    def _wait_until(self, request: _Request, t: float, refusal: NoKeyAvailable) -> float | None:
+        """When a request that found no key looks again (``KeyPool.acquire``'s rule), or None: refused."""
+        retry = refusal.retry_after
+        if refusal.reason == _BUSY:
+            if t >= request.deadline:
+                return None
+            # retry_after is the soonest timed recovery, 0.0 when there is none
+            return min(request.deadline, t + retry) if retry else request.deadline
+        if retry is None or retry > request.traffic.max_wait or t + retry > request.deadline:
+            return None
+        return t + max(retry, 1e-6)  # a recovery due now is noticed on the next look
+
+    def _no_key(self, request: _Request, t: float, refusal: NoKeyAvailable) -> None:
+        """No key for a request not yet waiting: queue it, or refuse it."""
+        until = self._wait_until(request, t, refusal)
+        if until is None:
+            delay = request.plan.look_again(t) if request.answered else None
+            if delay is not None:  # the keys already tried, again after the client's backoff
+                self._held.clear()
+                self._push(t + delay, _RETRY, request)
+                return
+            self._refuse(request, t, refusal)
             return
-        if request.tried:
-            self.result.failed += 1
+        self._held.clear()
+        self.result.waited += 1
+        request.queued = True
+        self._queues[request.traffic.provider].append(request)
+        self._wait(request, until)
+
+    def _wait(self, request: _Request, until: float) -> None:
+        request.until = until
+        self._push(until, _WAKE, request)
+
+    def _refuse(self, request: _Request, t: float, refusal: NoKeyAvailable) -> None:
+        for event in self._held:
+            self._forward(event)
+        self._held.clear()
+        stream = request.traffic
+        result = self.result
+        if request.answered:  # it reached keys and none could answer: the request failed
+            result.failed += 1
         else:
-            self.result.refused += 1
+            result.refused += 1
+            result.refusals[refusal.reason] += 1
+            retry = refusal.retry_after
             provider = stream.provider
-            if self._fast_refusals and retry_after is not None and not self._in_flight[provider]:
-                self._refused_until[provider] = t + retry_after - stream.spec.max_wait
+            if (
+                self._fast_refusals
+                and retry is not None
+                and refusal.reason != _BUSY
+                and not self._in_flight[provider]
+            ):
+                # Until the recovery comes within what an arrival may wait, it is refused too.
+                horizon = min(stream.max_wait, stream.spec.request_timeout)
+                stream.refused_until = (t + retry - horizon, refusal.reason)
         self._finished(stream, request.worker, t, request.started)
 
+    def _serve(self, provider: str, t: float) -> None:
+        """Hand free keys to the provider's waiters in arrival order (as the pool's queue does)."""
+        if provider in self._serving:  # an attempt answered at once while serving: go round again
+            self._serve_again.add(provider)
+            return
+        self._serving.add(provider)
+        try:
+            while True:
+                self._serve_once(provider, t)
+                if provider not in self._serve_again:
+                    return
+                self._serve_again.discard(provider)
+        finally:
+            self._serving.discard(provider)
+
+    def _serve_once(self, provider: str, t: float) -> None:
+        queue = self._queues[provider]
+        if not queue:
+            return
+        waiting = list(queue)
+        queue.clear()
+        served: list[tuple[_Request, Lease]] = []
+        # A refusal leaves the pool as it was: the next waiter leaving out the same keys would be
+        # refused alike, so it is told so without asking (a long queue costs one look per pass).
+        refused: dict[frozenset[str], tuple[NoKeyAvailable, list[PoolEvent]]] = {}
+        for request in waiting:
+            exclude = request.plan.exclude
+            try:
+                if exclude in refused:
+                    refusal, held = refused[exclude]
+                    self._held[:] = held
+                    raise refusal
+                lease = self._lease(provider, exclude)
+            except NoKeyAvailable as refusal:
+                refused.setdefault(exclude, (refusal, list(self._held)))
+                if refusal.reason == _BUSY and t < request.until:
+                    self._held.clear()  # still busy: it keeps its place and its wait
+                    queue.append(request)
+                    continue
+                until = self._wait_until(request, t, refusal)  # its wait ended, or the key went down
+                if until is None:
+                    request.queued = False
+                    self._refuse(request, t, refusal)
+                    continue
+                self._held.clear()
+                queue.append(request)
+                if until != request.until:
+                    self._wait(request, until)
+                continue
+            refused.clear()
+            request.queued = False
+            served.append((request, lease))
+        # The hand-off is done; now the served callers send their attempts, as woken callers would.
+        for request, lease in served:
+            if self._start(request, lease, t):
+                self._attempt(request, t)
+
     def _complete(self, request: _Request, lease: Lease, answer: Answer, t: float) -> bool:
-        """Record an attempt's answer; True if the request goes on to another key."""
+        """Record an attempt's answer as the transport does; True if the request goes on."""
         outcome = answer.outcome
+        plan = request.plan
+        if outcome.kind is OutcomeKind.FAILURE and "Timeout" in outcome.detail and plan.deadline_bound:
+            outcome = IGNORED  # the caller's own deadline ran out: not the key's fault
         lease.record(outcome)
         kind = outcome.kind
-        self.result.attempts[(request.traffic.provider, lease.key_id)][kind.value] += 1
+        provider = request.traffic.provider
+        self.result.attempts[(provider, lease.key_id)][kind.value] += 1
+        if self._queues[provider]:
+            self._serve(provider, t)  # the freed slot goes to the first waiter, before a failover
         if kind is OutcomeKind.SUCCESS:
             self.result.served += 1
-        elif kind.retry_elsewhere and request.attempts_left > 0 and t < request.deadline:
+        elif plan.retry_after(outcome, t, healthy_elsewhere=self._clean_elsewhere(request, kind)):
             return True
         elif kind is OutcomeKind.CALLER_ERROR:
             self.result.caller_errors += 1
@@ -367,6 +564,10 @@ class Simulation:
             self.result.failed += 1
         self._finished(request.traffic, request.worker, t, request.started)
         return False
+
+    def _clean_elsewhere(self, request: _Request, kind: OutcomeKind) -> bool:
+        provider = request.traffic.provider
+        return kind is OutcomeKind.FAILURE and self.pool.healthy_elsewhere(provider, request.plan.exclude)
 
     def _finished(self, stream: _Stream, worker: int | None, t: float, started: float | None = None) -> None:
         if started is not None:

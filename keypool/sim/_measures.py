@@ -29,12 +29,21 @@ def _scenario(
     faults: list[dict[str, Any]] | None = None,
     duration: float,
     attempt_timeout: float = 10.0,
+    retries: int = 2,
 ) -> Scenario:
+    """A one-provider scenario. ``retries`` is the client's ``max_retries`` (openai's default 2);
+    the measurements checked against per-attempt exact figures send one attempt per request (0)."""
     return Scenario.parse(
         {
             "providers": [{"name": PROVIDER, "keys": keys, "breaker": breaker or {}}],
             "traffic": [
-                {"provider": PROVIDER, "rate": rate, "arrivals": arrivals, "attempt_timeout": attempt_timeout}
+                {
+                    "provider": PROVIDER,
+                    "rate": rate,
+                    "arrivals": arrivals,
+                    "attempt_timeout": attempt_timeout,
+                    "retries": retries,
+                }
             ],
             "faults": faults or [],
             "duration": duration,
@@ -47,7 +56,11 @@ def _rng(seed: int, what: str) -> random.Random:
 
 
 def first_trip(*, seed: int, k: int, p: float, rate: float, keys: int, window: float, arrivals: str) -> Any:
-    """Seconds until the first failure trip of any key under an i.i.d. mix (None: none in ``window``)."""
+    """Seconds until the first failure trip of any key under an i.i.d. mix (None: none in ``window``).
+
+    One key: one attempt per request, so the attempts are exactly the arrivals. A pool: failover
+    to another key as the client does it (a failure is retried on a clean key for free).
+    """
     scenario = _scenario(
         keys=keys,
         breaker={"failure_threshold": k},
@@ -55,6 +68,7 @@ def first_trip(*, seed: int, k: int, p: float, rate: float, keys: int, window: f
         arrivals=arrivals,
         faults=[{"kind": "failure_rate", "p": p}],
         duration=window,
+        retries=0 if keys == 1 else 2,
     )
     return simulate(scenario, seed, stop_at_first_trip=True).first_trip()
 
@@ -127,11 +141,13 @@ def recovery(*, seed: int, timeout: float, s: int, outage: str, p_after: float) 
 
 
 def flapping(*, seed: int, k: int, p: float, timeout: float, s: int, window: float) -> dict[str, Any]:
-    """Transitions per minute of one key at 50 attempts/s under an i.i.d. failure rate ``p``."""
+    """Transitions per minute of one key at 50 attempts/s (one per request) under an i.i.d. failure
+    rate ``p``, to compare with the renewal figure."""
     scenario = _scenario(
         breaker={"failure_threshold": k, "timeout": timeout, "success_threshold": s},
         faults=[{"kind": "failure_rate", "p": p}],
         duration=window,
+        retries=0,
     )
     result = simulate(scenario, seed)
     return {"per_minute": result.transitions_of() * 60.0 / window, "trips": len(result.trips())}

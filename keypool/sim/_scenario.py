@@ -51,14 +51,26 @@ class SimKey(_Model):
     max_concurrency: int | None = Field(None, ge=1, le=1_000_000)
 
 
+def _provider_field(name: str) -> Any:
+    """ProviderConfig's field ``name``, default, range and description included."""
+    return ProviderConfig.model_fields[name]
+
+
 class SimProvider(_Model):
-    """A provider of the simulated pool. ``keys`` may be a count: ``4`` means key-1..key-4."""
+    """A provider of the simulated pool. ``keys`` may be a count: ``4`` means key-1..key-4.
+
+    The provider settings besides the keys are :class:`~keypool.ProviderConfig`'s own fields, with
+    its defaults and ranges (``max_wait`` is how long a caller waits for a down provider).
+    """
 
     name: str = Field(pattern=KEY_ID_PATTERN)
     keys: tuple[SimKey, ...] = Field(min_length=1, max_length=100_000)
     breaker: BreakerConfig = BreakerConfig()
-    backup_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    probation: float = Field(0.25, ge=0.0, le=60.0)
+    backup_threshold: float = _provider_field("backup_threshold")
+    probation: float = _provider_field("probation")
+    max_wait: float = _provider_field("max_wait")
+    incident_window: float = _provider_field("incident_window")
+    recheck_after: float = _provider_field("recheck_after")
 
     @field_validator("keys", mode="before")
     @classmethod
@@ -98,6 +110,9 @@ class SimProvider(_Model):
             breaker=self.breaker,
             backup_threshold=self.backup_threshold,
             probation=self.probation,
+            max_wait=self.max_wait,
+            incident_window=self.incident_window,
+            recheck_after=self.recheck_after,
         )
 
 
@@ -106,10 +121,20 @@ class Traffic(_Model):
 
     Open loop: ``rate`` requests/s, ``poisson`` or evenly spaced (``uniform``, first at a random
     phase), or the exact instants in ``times``. Closed loop: ``workers`` callers that each send
-    their next request ``think`` seconds after the last one ended. A request tries keys until one
-    answers, never the same key twice, at most ``max_attempts`` (default: the provider's key count)
-    and within ``request_timeout``; when no key can take it, it waits for a recovery only if that
-    falls within ``max_wait`` seconds, else it is refused.
+    their next request ``think`` seconds after the last one ended.
+
+    Each request's attempts are decided by the transport's own rules (``keypool``'s request
+    policy, with these fields as its settings): a key's failure (429, 401/403, 402) moves it to
+    another key for free; an endpoint failure (5xx, timeouts) costs one of ``retries`` unless another
+    key is clean; a key already tried is tried again, after the ``openai`` client's backoff, only
+    when no other key can serve; at most ``max_attempts`` attempts (default: the keys plus
+    ``retries``), all within ``request_timeout``. An attempt waits for its answer at most
+    ``attempt_timeout`` and the time-to-headers limit (``headers_timeout``; ``"auto"``: half the
+    deadline). When no key can take it, it waits as
+    :meth:`KeyPool.acquire <keypool.KeyPool.acquire>` does: for a *busy* provider (a key frees up
+    when a call in flight ends) in a first-come queue until its deadline; for a *down* one only if
+    the soonest recovery is at most ``max_wait`` seconds away (``None``: the provider's
+    ``max_wait``), else it is refused at once.
     """
 
     provider: str
@@ -120,10 +145,12 @@ class Traffic(_Model):
     think: Seconds = 0.0
     start: Seconds = 0.0
     end: Seconds | None = None
-    max_attempts: int | None = Field(None, ge=1, le=1_000)
+    retries: int = Field(2, ge=0, le=100, description="endpoint failures retried (openai's max_retries)")
+    max_attempts: int | None = Field(None, ge=1, le=1_000, description="None: the keys plus retries")
     request_timeout: float = Field(60.0, gt=0.0, le=_DAY)
-    attempt_timeout: float = Field(10.0, gt=0.0, le=_DAY)
-    max_wait: Seconds = 0.0
+    headers_timeout: Annotated[float, Field(gt=0.0, le=_DAY)] | Literal["auto"] | None = "auto"
+    attempt_timeout: float | None = Field(10.0, gt=0.0, le=_DAY)
+    max_wait: Seconds | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Traffic:

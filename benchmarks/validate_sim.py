@@ -1,54 +1,117 @@
 """The simulator against the real stack: the same scenarios, in real time and in virtual time.
 
 Real: a real ``openai`` client (``providers.AsyncDeepSeek``) over keypool's transport and the fake
-upstream on a loopback port, one caller pacing ~40 requests/s. Simulated: ``keypool.sim`` with the
-same keys, breaker and faults. Compared:
+upstream on a loopback port. Traffic is open loop, RATE requests/s evenly spaced, each request its
+own task (so callers that find no key wait in the pool's queue, as concurrent callers do).
+Simulated: ``keypool.sim`` with the same keys, breaker and faults, fed the real run's own request
+instants and the real attempts' median latency, so that only the mechanics can differ: which
+attempts are made, when callers wait, and what trips.
 
-1. one of 4 keys answers 503 from the start (threshold 5): attempts wasted on it (exact: 5 per
-   trip) and failed requests (0), over 4 s;
-2. one key, 25 % i.i.d. 503s (``Fault.flaky``), threshold 3, timeout 0.5 s, success_threshold 1,
-   for 12 s: breaker trips per second; the real count must fall within 3 standard deviations of
-   the simulator's mean over 40 seeds (Poisson-like spread).
+1. One of 4 keys answers 503 from the start (threshold 5), 4 s: attempts wasted on it (exactly 5,
+   one trip) and failed requests (0), in both.
+2. One key, 25 % i.i.d. 503s, threshold 3, timeout 0.5 s, success_threshold 1, RUNS runs of
+   SECONDS s. The 503s are drawn once per run from a seeded generator and scripted into the
+   upstream (``Fault.sequence``) and into the simulated key alike, so the n-th attempt meets the same
+   answer in both. What the twins cannot share is the client's backoff jitter (0.5 s, 1 s, less up
+   to a quarter, drawn at random): it decides which request a later draw lands on. So each real run
+   is compared with JITTER_SEEDS simulated twins that differ only in that jitter: trips
+   (transitions into open after failures or a failed trial, the same definition on both sides),
+   attempts and requests not served must each fall within 3 standard deviations of the twins (at
+   least ±1). Over all runs: the real trips per 100 attempts against the simulator's own i.i.d.
+   fault (``failure_rate``) over SIM_SEEDS seeds, within 3 standard errors of the difference.
 
-Run: .venv/bin/python benchmarks/validate_sim.py
+Run: .venv/bin/python benchmarks/validate_sim.py  (about 45 s)
 """
 
 from __future__ import annotations
 
-import os
+import math
+import random
 import statistics
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
-from keypool import BreakerConfig, KeyPool, KeySpec, KeyStateChanged, PoolEvent
-from keypool.sim import Scenario, simulate
+from keypool import (
+    BreakerConfig,
+    CallRecorded,
+    CallRejected,
+    KeyPool,
+    KeySpec,
+    KeyStateChanged,
+    Outcome,
+    OutcomeKind,
+    PoolEvent,
+    classify_status,
+)
+from keypool.sim import Answer, Scenario, SimResult, Simulation
 from keypool.testing import FakeUpstream, Fault, LoopbackServer
 from providers import AsyncDeepSeek
 
 RATE = 40.0
+TIMEOUT = 5.0  # each request's deadline (openai's timeout): waits, attempts and backoffs included
+RUNS = 3
+SECONDS = 12.0
+SIM_SEEDS = 40
+P_FLAKY = 0.25
+JITTER_SEEDS = 20
+TRIP_REASONS = ("failures", "trial_failed")
 
 
-async def drive(pool: KeyPool, base_url: str, seconds: float) -> tuple[int, int, float]:
-    """(requests, failed, elapsed): one caller at about RATE requests/s."""
-    client = AsyncDeepSeek(pool=pool, base_url=base_url, request_timeout=5.0)
-    requests = failed = 0
-    start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        requests += 1
+@dataclass
+class RealRun:
+    """What the real stack did: request instants (s from the start), attempts, trips, refusals."""
+
+    starts: list[float] = field(default_factory=list)
+    served: int = 0
+    failed: int = 0  # the client raised (no key, or the last key's error)
+    refused: int = 0  # the pool refused a fresh caller (CallRejected)
+    durations: list[float] = field(default_factory=list)
+    trips: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def horizon(self) -> float:
+        """Long enough for the simulated twin to finish every request, as the real run did."""
+        return max(self.starts) + TIMEOUT + 1.0
+
+    def hook(self, event: PoolEvent) -> None:
+        if isinstance(event, CallRecorded):
+            self.durations.append(event.duration)
+        elif isinstance(event, KeyStateChanged):
+            if event.new.label == "open" and event.reason in TRIP_REASONS:
+                self.trips += 1
+        elif isinstance(event, CallRejected):
+            self.refused += 1
+
+
+async def drive(pool: KeyPool, base_url: str, seconds: float, run: RealRun) -> None:
+    """Open loop: a request every 1/RATE s for ``seconds``, each in its own task."""
+    client = AsyncDeepSeek(pool=pool, base_url=base_url, timeout=TIMEOUT)
+
+    async def one() -> None:
         try:
             await client.chat.completions.create(
                 model="deepseek-chat", messages=[{"role": "user", "content": "q"}]
             )
+            run.served += 1
         except Exception:
-            failed += 1
-        await anyio.sleep(max(0.0, start + requests / RATE - time.monotonic()))
+            run.failed += 1
+
+    start = time.monotonic()
+    async with anyio.create_task_group() as group:
+        for i in range(math.ceil(seconds * RATE)):
+            await anyio.sleep(max(0.0, start + i / RATE - time.monotonic()))
+            run.starts.append(time.monotonic() - start)
+            group.start_soon(one)
+    run.elapsed = time.monotonic() - start
     await client.close()
-    return requests, failed, time.monotonic() - start
 
 
-def real_pool(keys: list[str], breaker: BreakerConfig, hook: object) -> KeyPool:
-    pool = KeyPool(hooks=[hook])  # type: ignore[list-item]
+def real_pool(keys: list[str], breaker: BreakerConfig, run: RealRun) -> KeyPool:
+    pool = KeyPool(hooks=[run.hook])
     pool.add_provider(
         {
             "name": "deepseek",
@@ -59,78 +122,152 @@ def real_pool(keys: list[str], breaker: BreakerConfig, hook: object) -> KeyPool:
     return pool
 
 
-async def dead_key() -> None:
+class Scripted:
+    """A simulated key's answers: the n-th attempt gets the n-th scripted 503-or-200, after ``latency``."""
+
+    def __init__(self, draws: list[bool], latency: float) -> None:
+        self._draws = iter(draws)
+        self._fail = Answer(classify_status(503), latency)
+        self._ok = Answer(Outcome(OutcomeKind.SUCCESS, 200), latency)
+
+    def answer(self, t: float) -> Answer:
+        return self._fail if next(self._draws, False) else self._ok
+
+
+def scenario(
+    keys: int, breaker: BreakerConfig, duration: float, faults: list[dict[str, Any]], **traffic: Any
+) -> Scenario:
+    """The simulated twin: the same keys and breaker, the client's 5 s request timeout."""
+    return Scenario.parse(
+        {
+            "providers": [{"name": "deepseek", "keys": keys, "breaker": breaker.model_dump()}],
+            "traffic": [
+                {"provider": "deepseek", "request_timeout": TIMEOUT, "attempt_timeout": None, **traffic}
+            ],
+            "faults": faults,
+            "duration": duration,
+        }
+    )
+
+
+def not_served(sim: SimResult) -> int:
+    assert sim.served + sim.failed + sim.refused + sim.caller_errors == sim.requests  # all finished
+    return sim.failed + sim.refused
+
+
+async def dead_key() -> bool:
     secrets = [f"sk-val-{i}" for i in range(4)]
     upstream = FakeUpstream(secrets, flavor="deepseek")
     upstream.set_fault(secrets[0], Fault.status(503))
+    breaker = BreakerConfig(failure_threshold=5, timeout=60)
+    run = RealRun()
     with LoopbackServer(upstream) as server:
-        pool = real_pool(secrets, BreakerConfig(failure_threshold=5, timeout=60), lambda e: None)
-        requests, failed, _ = await drive(pool, server.base_url, 4.0)
+        await drive(real_pool(secrets, breaker, run), server.base_url, 4.0, run)
     real_wasted = upstream.counters(secrets[0]).requests
-    sim = simulate(
-        Scenario.parse(
-            {
-                "providers": [{"name": "p", "keys": 4, "breaker": {"failure_threshold": 5, "timeout": 60}}],
-                "traffic": [{"provider": "p", "rate": RATE}],
-                "faults": [{"kind": "outage", "keys": ["key-1"]}],
-                "duration": 4.0,
-            }
-        ),
-        0,
-    )
+    dead = [{"kind": "outage", "keys": ["key-1"]}]
+    sim = Simulation(scenario(4, breaker, run.horizon, dead, times=run.starts), 0).run()
     print("1. one of 4 keys dead (503), threshold 5, 4 s")
-    print(f"   real:      {requests} requests, {failed} failed, {real_wasted} attempts on the dead key")
     print(
-        f"   simulated: {sim.requests} requests, {sim.failed + sim.refused} failed, "
+        f"   real:      {len(run.starts)} requests, {run.failed} failed, "
+        f"{real_wasted} attempts on the dead key"
+    )
+    print(
+        f"   simulated: {sim.requests} requests, {not_served(sim)} failed, "
         f"{sim.attempts_of('key-1')} attempts on the dead key"
     )
-    ok = real_wasted == sim.attempts_of("key-1") == 5 and failed == 0
+    ok = real_wasted == sim.attempts_of("key-1") == 5 and run.failed == not_served(sim) == 0
     print(f"   agree (wasted equal, exactly 5; no failed request): {'yes' if ok else 'NO'}")
+    return ok
 
 
-async def flaky_key() -> None:
-    seconds, p = 12.0, 0.25
-    breaker = BreakerConfig(failure_threshold=3, timeout=0.5, success_threshold=1, max_timeout=0.5)
+async def flaky_run(index: int, breaker: BreakerConfig) -> tuple[RealRun, list[SimResult], int]:
+    """One real run with scripted draws; the simulated twins with the same draws and arrivals, one
+    per backoff seed (the client's backoff jitter is the one input the real run does not share)."""
+    rng = random.Random(f"validate_sim:{index}")
+    draws = [rng.random() < P_FLAKY for _ in range(int(SECONDS * RATE * 2))]
     secret = "sk-val-flaky"
     upstream = FakeUpstream([secret], flavor="deepseek")
-    upstream.set_fault(secret, Fault.flaky(p, Fault.status(503), seed=int(os.environ.get("FLAKY_SEED", "1"))))
-    trips: list[float] = []
-
-    def on_event(event: PoolEvent) -> None:
-        if isinstance(event, KeyStateChanged) and event.new.label == "open":
-            trips.append(event.at)
-
+    steps = [Fault.status(503) if d else Fault.ok() for d in draws]
+    upstream.set_fault(secret, Fault.sequence(*steps))
+    run = RealRun()
     with LoopbackServer(upstream) as server:
-        pool = real_pool([secret], breaker, on_event)
-        requests, _, elapsed = await drive(pool, server.base_url, seconds)
-    scenario = Scenario.parse(
-        {
-            "providers": [{"name": "p", "keys": 1, "breaker": breaker.model_dump()}],
-            # One caller that waits for a key inside its 5 s timeout, as the transport does.
-            "traffic": [
-                {"provider": "p", "workers": 1, "think": 1 / RATE, "max_wait": 5.0, "request_timeout": 5.0}
-            ],
-            "faults": [{"kind": "failure_rate", "p": p}],
-            "duration": elapsed,
-        }
-    )
-    counts = [len(simulate(scenario, seed).trips()) for seed in range(40)]
-    mean, sd = statistics.fmean(counts), statistics.stdev(counts)
+        await drive(real_pool([secret], breaker, run), server.base_url, SECONDS, run)
+    attempts = upstream.counters(secret).requests
+    latency = statistics.median(run.durations)
+    same = scenario(1, breaker, run.horizon, [], times=run.starts)
+    twins = [
+        Simulation(same, seed, answers={("deepseek", "key-1"): Scripted(draws, latency)}).run()
+        for seed in range(JITTER_SEEDS)
+    ]
+    return run, twins, attempts
+
+
+def spread(values: list[int]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+def agrees(real: int, values: list[int]) -> bool:
+    """Within 3 standard deviations of the twins' spread, and never tighter than one count."""
+    mean, sd = spread(values)
+    return abs(real - mean) <= max(3 * sd, 1.0)
+
+
+async def flaky_key() -> bool:
+    breaker = BreakerConfig(failure_threshold=3, timeout=0.5, success_threshold=1, max_timeout=0.5)
     print(
-        f"2. one key, {p:.0%} i.i.d. 503s, threshold 3, timeout 0.5 s, {elapsed:.1f} s, "
-        f"{requests / elapsed:.1f} req/s"
+        f"2. one key, {P_FLAKY:.0%} i.i.d. 503s, threshold 3, timeout 0.5 s, success_threshold 1, "
+        f"{RUNS} runs of {SECONDS:g} s at {RATE:g} req/s;\n   simulated: the same draws and arrivals, "
+        f"{JITTER_SEEDS} backoff seeds (mean ± sd)"
     )
-    by_status = dict(upstream.counters(secret).by_status)
-    print(f"   real:      {len(trips)} trips; upstream answered {by_status}")
-    sim_requests = statistics.fmean(simulate(scenario, seed).requests for seed in range(5))
-    print(f"   simulated: {mean:.1f} ± {sd:.1f} trips (40 seeds), {sim_requests:.0f} requests")
-    ok = abs(len(trips) - mean) <= 3 * sd
-    print(f"   agree (within 3 sd): {'yes' if ok else 'NO'}")
+    print("   run  requests   trips real | sim     attempts real | sim    not served real | sim")
+    ok = True
+    rates: list[float] = []
+    for index in range(RUNS):
+        run, twins, attempts = await flaky_run(index, breaker)
+        measured = [
+            (run.trips, [len(t.trips()) for t in twins]),
+            (attempts, [t.total_attempts for t in twins]),
+            (run.failed, [not_served(t) for t in twins]),
+        ]
+        agree = all(agrees(real, sims) for real, sims in measured)
+        ok = ok and agree
+        rates.append(100.0 * run.trips / attempts)
+        cells = ""
+        for real, sims in measured:
+            mean, sd = spread(sims)
+            cells += f"   {real:5d} | {mean:6.1f} ± {sd:<4.1f}"
+        print(f"   {index:3d}  {len(run.starts):8d}{cells}   {'yes' if agree else 'NO'}")
+        waited = statistics.fmean(t.waited for t in twins)
+        refused = statistics.fmean(t.refused for t in twins)
+        print(
+            f"        refused {run.refused} | {refused:.1f}; "
+            f"simulated requests that waited for the key: {waited:.0f}"
+        )
+    print(f"   same draws agree (each within 3 sd of its twins, at least ±1): {'yes' if ok else 'NO'}")
+    # The simulator's own i.i.d. fault, over many seeds, with the same open-loop traffic.
+    iid = scenario(
+        1, breaker, SECONDS, [{"kind": "failure_rate", "p": P_FLAKY}], rate=RATE, arrivals="uniform"
+    )
+    sim_rates = []
+    for seed in range(SIM_SEEDS):
+        result = Simulation(iid, seed).run()
+        sim_rates.append(100.0 * len(result.trips()) / result.total_attempts)
+    real_mean, sim_mean = statistics.fmean(rates), statistics.fmean(sim_rates)
+    se = math.sqrt(statistics.variance(sim_rates) * (1 / RUNS + 1 / SIM_SEEDS))
+    stat_ok = abs(real_mean - sim_mean) <= 3 * se
+    print(
+        f"   trips per 100 attempts: real {real_mean:.2f} over {RUNS} runs "
+        f"({', '.join(f'{r:.2f}' for r in rates)}), simulated i.i.d. {sim_mean:.2f} ± "
+        f"{statistics.stdev(sim_rates):.2f} over {SIM_SEEDS} seeds"
+    )
+    print(f"   agree (within 3 standard errors, {3 * se:.2f}): {'yes' if stat_ok else 'NO'}")
+    return ok and stat_ok
 
 
 async def main() -> None:
-    await dead_key()
-    await flaky_key()
+    first = await dead_key()
+    second = await flaky_key()
+    print(f"all agree: {'yes' if first and second else 'NO'}")
 
 
 if __name__ == "__main__":

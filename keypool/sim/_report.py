@@ -1,8 +1,10 @@
 """The study's Markdown: the runbook's claims with verdicts, and the tables of docs/threshold-study.md.
 
-The verdicts are computed from the study document, so regenerating the study regenerates them;
-:func:`update_doc` rewrites only what sits between ``<!-- study:NAME -->`` and
-``<!-- /study:NAME -->`` markers and leaves the prose around them alone.
+The figures in every row come from the study document, so regenerating the study regenerates
+them; the verdicts are written here beside their claims and must be read again against the new
+figures whenever the simulator or the pool changes. :func:`update_doc` rewrites only what sits
+between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` markers and leaves the prose around
+them alone.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
         t: _find(waste, failure_threshold=5, timeout=t, failure="fast")["wasted_attempts"]["mean"]
         for t in (30.0, 60.0, 120.0)
     }
+    unguarded = _find(waste, failure_threshold=None, timeout=60.0, failure="fast")["wasted_attempts"]["mean"]
     m_extra = {
         m: _find(half, half_open_max_calls=m, success_threshold=2, failure="fast")["after_heal_minus_m3_s"][
             "mean"
@@ -207,7 +210,8 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
             "claim": "timeout 30 s: frequent half-open attempts, higher load on a failing API",
             "measured": f"attempts sent to a dead provider in 5 min (4 keys, fast 503s): "
             f"{wasted[30.0]:.0f} at "
-            f"30 s, {wasted[60.0]:.0f} at 60 s, {wasted[120.0]:.0f} at 120 s; without a breaker ~60,000",
+            f"30 s, {wasted[60.0]:.0f} at 60 s, {wasted[120.0]:.0f} at 120 s; without a breaker "
+            f"{unguarded:,.0f}",
             "verdict": "holds",
         },
         {
@@ -219,9 +223,10 @@ def claims(doc: dict[str, Any]) -> list[dict[str, str]]:
         },
         {
             "claim": "half_open_max_calls 3: if any trial fails, immediate return to OPEN",
-            "measured": f"holds; but a probe of a still-dead key costs every trial already in flight: "
+            "measured": f"holds; but a probe of a still-dead key costs every trial slot: "
             f"{per_probe[2]:.0f}, {per_probe[3]:.0f}, {per_probe[5]:.0f} failed calls per probe for "
-            "2, 3, 5 when answers take longer than the gap between requests",
+            "2, 3, 5, sent before the first fails (callers waiting for the recovery take every slot at "
+            "once, and so do new requests when answers take longer than the gap between them)",
             "verdict": "holds",
         },
         {

@@ -17,7 +17,7 @@ import enum
 import itertools
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ._config import BreakerConfig
@@ -191,6 +191,11 @@ class CircuitBreaker:
     @property
     def quarantined(self) -> bool:
         return self._quarantined
+
+    @property
+    def open_reason(self) -> OpenReason | None:
+        """Why the key is (or last was) out of service."""
+        return self._open_reason
 
     @property
     def quarantine_reason(self) -> str | None:
@@ -567,11 +572,14 @@ class CircuitBreaker:
         reason: OpenReason | None,
         failures: int,
         successes: int,
+        foreign_trials: Sequence[float] = (),
     ) -> None:
         """Take on the state another process decided (a shared store's view).
 
-        Keeps this breaker's own trial slots while the key is half-open everywhere; the
-        transitions it causes are noted (and counted as trips) like local ones.
+        Keeps this breaker's own trial slots while the key is half-open everywhere, and holds a
+        placeholder slot for each trial other processes run (``foreign_trials``: when each
+        expires), so ``half_open_max_calls`` counts them too; the transitions it causes are noted
+        (and counted as trips) like local ones.
         """
         now = self._clock()
         self._settle(now)
@@ -608,6 +616,12 @@ class CircuitBreaker:
             self._trips += 1
         self._note(now, "shared")
         self._settle(now)
+        for token in [t for t in self._trials if t < 0]:  # the previous placeholders
+            del self._trials[token]
+        if self._state is BreakerState.HALF_OPEN:
+            for expires in foreign_trials:
+                if expires > now:
+                    self._trials[-next(_tokens)] = expires
 
     # ------------------------------------------------------------------ internal moves
 

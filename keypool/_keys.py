@@ -260,6 +260,8 @@ class ProviderState:
     def wake(self, now: float, events: list[PoolEvent]) -> None:
         """Refresh every key whose scheduled instant has come."""
         heap = self.heap
+        if not heap or heap[0][0] > now:
+            return  # nothing due: the common case, kept cheap
         while heap and heap[0][0] <= now:
             at, _, key = heapq.heappop(heap)
             if at != key.scheduled_at:

@@ -13,7 +13,7 @@ from ._keys import KeyState
 from ._outcome import IGNORED, SUCCESS, Outcome, OutcomeKind, classify_exception
 
 if TYPE_CHECKING:
-    from ._pool import KeyPool
+    from ._leasing import Leasing
 
 __all__ = ["Lease"]
 
@@ -28,7 +28,7 @@ class Lease:
 
     __slots__ = ("_done", "_permit", "_pool", "_started", "key", "provider")
 
-    def __init__(self, pool: KeyPool, key: KeyState, permit: Permit, started: float) -> None:
+    def __init__(self, pool: Leasing, key: KeyState, permit: Permit, started: float) -> None:
         self._pool = pool
         self.key = key
         self.provider = key.provider.name

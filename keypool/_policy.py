@@ -42,6 +42,7 @@ _BACKOFF_FIRST, _BACKOFF_CAP = 0.5, 8.0  # the openai client's own retry delays
 
 
 HeadersTimeout = float | Literal["auto"] | None
+_JITTER = random.Random()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,12 @@ def _seconds(name: str, value: object, *, zero: bool = False) -> None:
         raise ConfigError(f"{name}: must be a number of seconds {bound}, or None (got {value!r})")
 
 
+def _capped(value: float | None, bound: float | None) -> float | None:
+    if bound is None:
+        return value
+    return bound if value is None else min(value, bound)
+
+
 def deadline_of(timeout: Mapping[str, float | None] | None) -> float | None:
     """The whole-call deadline (seconds) in an ``httpx2`` request's timeout: its longest phase.
 
@@ -136,7 +143,7 @@ class RequestPlan:
     replayable: bool
     stream: bool = False
     shared: RequestBudget | None = None
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = _JITTER  # one generator for every plan: seeding one costs ~9 µs
     tried: set[str] = field(default_factory=set)
     exclude: frozenset[str] = frozenset()
     retries_left: int = 0
@@ -194,18 +201,20 @@ class RequestPlan:
         left = self.remaining(now)
         total = None if self.deadline is None else self.deadline - self.started
         headers = self.settings.headers_limit(self.stream, total)
-        current = dict(timeout or {})
-        read = current.get("read")
+        given = timeout or {}
+        read = given.get("read")
         # A timeout of this attempt is then the caller's own deadline, not a silent key.
-        self.deadline_bound = left is not None and all(b is None or left <= b for b in (headers, read))
-        out: dict[str, float | None] = {}
-        for name in ("connect", "read", "write", "pool"):
-            value = current.get(name)
-            for bound in (left, headers if name == "read" else None):
-                if bound is not None:
-                    value = bound if value is None else min(value, bound)
-            out[name] = value
-        return out
+        self.deadline_bound = (
+            left is not None and (headers is None or left <= headers) and (read is None or left <= read)
+        )
+        if headers is not None:
+            read = headers if read is None else min(read, headers)
+        return {
+            "connect": _capped(given.get("connect"), left),
+            "read": _capped(read, left),
+            "write": _capped(given.get("write"), left),
+            "pool": _capped(given.get("pool"), left),
+        }
 
     def hard_limit(self, now: float) -> float | None:
         """A cap on the whole attempt, body included: ``attempt_timeout``, never past the deadline."""

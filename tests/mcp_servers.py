@@ -1,13 +1,15 @@
 """Real MCP tool servers on loopback, for tests and benchmarks.
 
 `build_mcp_server()` builds an `MCPServer` with a few tools (`echo`, `add`, `fail`, `crash`,
-`slow`). `McpReplica` serves that app with uvicorn on 127.0.0.1 in a background thread, the
-way one replica of a tool server would run, with:
+`slow`, `refuse`, `progress`, `meta`, `lookup`), a resource, a resource template, a prompt and a
+completion handler. `McpReplica` serves that app with uvicorn on 127.0.0.1 in a background
+thread, the way one replica of a tool server would run, with:
 
 * an optional bearer token: a request whose `Authorization` header is not exactly
   `Bearer <token>` gets HTTP 401 before it reaches the MCP app;
 * fault switches: `set_fault(503)` makes every HTTP request answer with that status, and
   `hang()` holds every request unanswered, until `clear_fault()`;
+* `tool_calls`: how many times each tool started running on this replica (all starts);
 * `start()` / `stop()` / `restart()` on the same port, also as `astart()` / `astop()` /
   `arestart()` for async tests, and use as a (sync or async) context manager.
 
@@ -25,14 +27,17 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp import MCPError
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import Completion, EmptyResult, SetLevelRequestParams, ToolAnnotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
@@ -51,10 +56,13 @@ logging.getLogger("uvicorn").addHandler(logging.NullHandler())
 
 LOOPBACK: Final = "127.0.0.1"
 MCP_PATH: Final = "/mcp"
-TOOL_NAMES: Final = ("add", "crash", "echo", "fail", "slow")
+TOOL_NAMES: Final = ("add", "crash", "echo", "fail", "lookup", "meta", "progress", "refuse", "slow")
+REFUSE_CODE: Final = -32050  # the JSON-RPC error code the `refuse` tool raises
 
 
-def build_mcp_server(name: str = "keypool-test-tools") -> MCPServer:
+def build_mcp_server(
+    name: str = "keypool-test-tools", on_call: Callable[[str], None] | None = None
+) -> MCPServer:
     """An `MCPServer` with the test tools.
 
     * `echo(text) -> str`: returns `text`.
@@ -64,6 +72,16 @@ def build_mcp_server(name: str = "keypool-test-tools") -> MCPServer:
     * `crash(message)`: raises `RuntimeError(message)`, an unexpected exception; the client gets
       `is_error=True` and only `"Error executing tool crash"`, the server logs a traceback.
     * `slow(seconds) -> str`: sleeps `seconds` (async), then returns `"slept <seconds>"`.
+    * `refuse(message)`: raises `MCPError(REFUSE_CODE, message)`: a JSON-RPC error of the tool's
+      own, which the client gets as an `MCPError` with that code and message.
+    * `progress(steps) -> int`: reports progress `1..steps` of `steps`, then returns `steps`.
+    * `meta() -> str`: the request's `_meta` as JSON.
+    * `lookup(key) -> str`: returns `key`; annotated `idempotentHint=True`.
+    * resource `keypool://motd`, template `keypool://greeting/{name}`, prompt `summarize(text)`,
+      and completions for the prompt's `text` argument (`["alpha", "beta"]` filtered by prefix);
+      `logging/setLevel` is answered (and counted as `"logging/setLevel:<level>"`).
+
+    `on_call(tool)` is called as each tool starts.
 
     `MCPServer.__init__` calls `logging.basicConfig(...)`, which installs a handler on the root
     logger and sets its level when the root logger has no handler yet. That process-wide side
@@ -77,44 +95,106 @@ def build_mcp_server(name: str = "keypool-test-tools") -> MCPServer:
         root.setLevel(saved_level)
         root.handlers[:] = saved_handlers
 
+    def called(tool: str) -> None:
+        if on_call is not None:
+            on_call(tool)
+
     # Async tools run on the event loop; a sync tool would cost a worker-thread hop per call.
     @server.tool()
     async def echo(text: str) -> str:
         """Return the text unchanged."""
+        called("echo")
         return text
 
     @server.tool()
     async def add(a: int, b: int) -> int:
         """Add two integers."""
+        called("add")
         return a + b
 
     @server.tool()
     async def fail(message: str) -> str:
         """Fail the way a tool reports an anticipated error."""
+        called("fail")
         raise ToolError(message)
 
     @server.tool()
     async def crash(message: str) -> str:
         """Fail with an unexpected exception inside the tool."""
+        called("crash")
         raise RuntimeError(message)
 
     @server.tool()
     async def slow(seconds: float) -> str:
         """Sleep, then answer."""
+        called("slow")
         await anyio.sleep(seconds)
         return f"slept {seconds}"
+
+    @server.tool()
+    async def refuse(message: str) -> str:
+        """Answer with a JSON-RPC error of the tool's own."""
+        called("refuse")
+        raise MCPError(code=REFUSE_CODE, message=message)
+
+    @server.tool()
+    async def progress(steps: int, ctx: Context) -> int:  # type: ignore[type-arg]
+        """Report progress, then answer."""
+        called("progress")
+        for step in range(1, steps + 1):
+            await ctx.report_progress(step, steps)
+        return steps
+
+    @server.tool()
+    async def meta(ctx: Context) -> str:  # type: ignore[type-arg]
+        """The request's ``_meta``."""
+        called("meta")
+        return json.dumps(dict(ctx.request_context.meta or {}), sort_keys=True)
+
+    @server.tool(annotations=ToolAnnotations(idempotent_hint=True, read_only_hint=True))
+    async def lookup(key: str) -> str:
+        """Look a key up (safe to run twice)."""
+        called("lookup")
+        return key
+
+    @server.resource("keypool://motd")
+    async def motd() -> str:
+        return "all keys healthy"
+
+    @server.resource("keypool://greeting/{name}")
+    async def greeting(name: str) -> str:
+        return f"hello {name}"
+
+    @server.prompt()
+    async def summarize(text: str) -> str:
+        """Summarize a text."""
+        return f"Summarize: {text}"
+
+    async def set_level(ctx: Any, params: SetLevelRequestParams) -> EmptyResult:
+        called(f"logging/setLevel:{params.level}")  # (a request, not a tool: counted alike)
+        return EmptyResult()
+
+    # MCPServer has no decorator for it (logging/setLevel predates MCP 2026-07-28).
+    server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+
+    @server.completion()
+    async def complete(ref: Any, argument: Any, context: Any) -> Completion:
+        values = [v for v in ("alpha", "beta") if v.startswith(argument.value)]
+        return Completion(values=values, total=len(values), has_more=False)
 
     return server
 
 
-def build_mcp_app(name: str = "keypool-test-tools", **app_options: Any) -> ASGIApp:
+def build_mcp_app(
+    name: str = "keypool-test-tools", on_call: Callable[[str], None] | None = None, **app_options: Any
+) -> ASGIApp:
     """The streamable-HTTP ASGI app (served at `/mcp`) of a fresh `build_mcp_server()`.
 
     `app_options` go to `MCPServer.streamable_http_app` (e.g. `json_response=True`,
     `stateless_http=True`). An app can be served only once: its session manager refuses a
     second `run()`, so build a new one for every start.
     """
-    return build_mcp_server(name).streamable_http_app(host=LOOPBACK, **app_options)
+    return build_mcp_server(name, on_call).streamable_http_app(host=LOOPBACK, **app_options)
 
 
 def free_port() -> int:
@@ -228,6 +308,7 @@ class McpReplica:
         self._may_repick_port = port is None
         self._lock = threading.Lock()
         self._requests = 0
+        self.tool_calls: Counter[str] = Counter()
         self._fault: tuple[int, bytes, dict[str, str]] | None = None
         self._hanging = False
         self._server: uvicorn.Server | None = None
@@ -268,6 +349,10 @@ class McpReplica:
     def _count_request(self) -> None:
         with self._lock:
             self._requests += 1
+
+    def _count_call(self, tool: str) -> None:
+        with self._lock:
+            self.tool_calls[tool] += 1
 
     def set_fault(
         self,
@@ -321,7 +406,7 @@ class McpReplica:
             self._port = free_port()
             sock = _bind(self._port)
         self._may_repick_port = False
-        app = _ReplicaGate(build_mcp_app(self.name, **self.app_options), self)
+        app = _ReplicaGate(build_mcp_app(self.name, self._count_call, **self.app_options), self)
         config = uvicorn.Config(
             app,
             host=LOOPBACK,

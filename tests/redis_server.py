@@ -1,25 +1,42 @@
 """A private ``redis-server`` for tests: started on a free loopback port in a temp dir, stopped,
-restarted on the same port (state lost, as after a real restart), paused (SIGSTOP: a Redis that
-answers nothing) and resumed.
+restarted on the same port (state lost, as after a real restart, or reloaded from a snapshot taken
+with :meth:`RedisServer.snapshot`), paused (SIGSTOP: a Redis that answers nothing) and resumed;
+optionally with TLS (a self-signed certificate made with ``openssl``) or a password.
 
-Tests never touch a Redis they did not start. Without ``redis-server`` on PATH the tests that need
-it skip, naming Debian's ``redis-server`` package; with ``CI=true`` they fail instead.
+:class:`TcpProxy` sits between clients and a server on loopback: it adds latency to every answer,
+or cuts every connection and refuses new ones (a network partition for the clients behind it).
+
+Tests never touch a Redis they did not start. Without ``redis-server`` (or ``openssl``) on PATH the
+tests that need it skip, naming the Debian package; with ``CI=true`` they fail instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["LOOPBACK", "RedisServer", "free_port", "redis_server_binary", "running_redis"]
+__all__ = [
+    "LOOPBACK",
+    "RedisServer",
+    "TcpProxy",
+    "closed_afterwards",
+    "free_port",
+    "redis_server_binary",
+    "running_redis",
+]
 
 LOOPBACK = "127.0.0.1"
 
@@ -32,26 +49,46 @@ def free_port() -> int:
         return port
 
 
-def redis_server_binary() -> str:
-    """The path of ``redis-server``; skips the calling test without it (fails under ``CI=true``)."""
+def _tool(name: str, package: str) -> str:
+    """The path of a tool; skips the calling test without it (fails under ``CI=true``)."""
     import pytest
 
-    path = shutil.which("redis-server")
+    path = shutil.which(name)
     if path is not None:
         return path
     message = (
-        "`redis-server` is not on PATH; it comes with Debian's `redis-server` package "
-        "(apt-get install redis-server)"
+        f"`{name}` is not on PATH; it comes with Debian's `{package}` package (apt-get install {package})"
     )
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message}; it is required when CI=true", pytrace=False)
     pytest.skip(message)
 
 
+def redis_server_binary() -> str:
+    """The path of ``redis-server``; skips the calling test without it (fails under ``CI=true``)."""
+    return _tool("redis-server", "redis-server")
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, made with ``openssl``; the certificate is its own CA."""
+    openssl = _tool("openssl", "openssl")
+    cert, key = directory / "redis.crt", directory / "redis.key"
+    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+    args += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        [openssl, *args],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 class RedisServer:
     """One ``redis-server`` process on ``127.0.0.1:port``, no persistence, its own temp dir."""
 
-    def __init__(self, binary: str = "redis-server", *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self, binary: str = "redis-server", *extra: str, port: int | None = None, tls: bool = False
+    ) -> None:
         self.binary = binary
         self.extra = extra
         self.port = port or free_port()
@@ -61,11 +98,18 @@ class RedisServer:
         self._at_exit = False
         if "--requirepass" in extra:
             self.password = extra[extra.index("--requirepass") + 1]
+        self.certificate: Path | None = None
+        self._tls_args: list[str] = []
+        if tls:  # TLS only, on ``port``: the certificate is self-signed (pass it as ssl_ca_certs)
+            self.certificate, key = self_signed_certificate(Path(self._dir.name))
+            self._tls_args = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            self._tls_args += ["--tls-cert-file", str(self.certificate), "--tls-key-file", str(key)]
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
+        scheme = "rediss" if self.certificate else "redis"
+        return f"{scheme}://{auth}{LOOPBACK}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -93,6 +137,7 @@ class RedisServer:
             "--logfile",
             str(Path(self._dir.name) / "redis.log"),
             *self.extra,
+            *self._tls_args,
         ]
         if not self._at_exit:  # a test run that dies early must not leave a server behind
             atexit.register(self.stop)
@@ -119,12 +164,32 @@ class RedisServer:
     def ping(self, timeout: float = 0.5) -> bool:
         """Whether the server answers PING (NOAUTH counts: it is up)."""
         try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=timeout) as sock:
-                sock.sendall(b"PING\r\n")
-                reply = sock.recv(64)
+            return self.command(b"PING", timeout=timeout).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
-        return reply.startswith((b"+PONG", b"-NOAUTH"))
+
+    def command(self, *words: bytes, timeout: float = 5.0) -> bytes:
+        """Send one command (authenticated if the server has a password); its raw reply."""
+        request = b""
+        if self.password:
+            request += b"AUTH " + self.password.encode() + b"\r\n"
+        request += b" ".join(words) + b"\r\n"
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((LOOPBACK, self.port), timeout=timeout))
+            if self.certificate is not None:
+                context = ssl.create_default_context(cafile=str(self.certificate))
+                sock = stack.enter_context(context.wrap_socket(sock, server_hostname=LOOPBACK))
+            sock.sendall(request)
+            reply = sock.recv(4096)
+            if self.password and reply.startswith(b"+OK\r\n"):
+                reply = reply[5:] or sock.recv(4096)
+            return reply
+
+    def snapshot(self) -> None:
+        """Write the data set to disk now (``SAVE``); the next start loads it (an older state)."""
+        reply = self.command(b"SAVE")
+        if not reply.startswith(b"+OK"):
+            raise RuntimeError(f"SAVE failed: {reply!r}")
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -178,6 +243,14 @@ class RedisServer:
         return f"RedisServer(port={self.port}, running={self.running})"
 
 
+def closed_afterwards() -> Iterator[list[Any]]:
+    """A fixture's body: a list the test fills with stores, each closed after the test."""
+    made: list[Any] = []
+    yield made
+    for store in made:
+        store.close()
+
+
 def running_redis(*extra: str) -> Iterator[RedisServer]:
     """A module fixture's body: a private server for the whole module, closed afterwards."""
     server = RedisServer(redis_server_binary(), *extra)
@@ -186,3 +259,118 @@ def running_redis(*extra: str) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of ``target_port``, run by an event loop in a thread.
+
+    ``latency`` seconds are added to everything the server sends back (so to every round trip);
+    :meth:`cut` closes every connection and refuses new ones until :meth:`restore`.
+    """
+
+    def __init__(self, target_port: int, *, latency: float = 0.0) -> None:
+        self.target_port = target_port
+        self.latency = latency
+        self.port = free_port()
+        self.connections = 0
+        self._cut = False
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._streams: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
+
+    def url(self, server_url: str) -> str:
+        """``server_url`` with the port of this proxy."""
+        return server_url.replace(f":{self.target_port}/", f":{self.port}/")
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, LOOPBACK, self.port)
+
+    def _call(self, coro: object, timeout: float = 10.0) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def cut(self) -> None:
+        """Every connection dropped, new ones closed at once: the server is unreachable."""
+        self._cut = True
+        self._loop.call_soon_threadsafe(self._drop_all)
+
+    def restore(self) -> None:
+        self._cut = False
+
+    def _drop_all(self) -> None:
+        for writer in list(self._streams):
+            writer.transport.abort()
+        self._streams.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._streams.update((writer, up_writer))
+        try:
+            await asyncio.gather(
+                self._pipe(reader, up_writer, 0.0), self._pipe(up_reader, writer, self.latency)
+            )
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for w in (writer, up_writer):
+                self._streams.discard(w)
+                w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+        """Copy bytes; with a delay, each chunk goes out ``delay`` after it came in, in order."""
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if not chunk:
+                    return
+                wait = due - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(chunk)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(deliver())
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                queue.put_nowait((self._loop.time() + delay, chunk))
+                if not chunk:
+                    break
+            await sender
+        finally:
+            sender.cancel()
+            writer.transport.abort()
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self._drop_all()
+            if self._server is not None:
+                self._server.close()
+
+        with contextlib.suppress(Exception):
+            self._call(close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

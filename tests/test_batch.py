@@ -152,12 +152,14 @@ async def test_cancelling_a_batch_stops_promptly_and_frees_every_key(
     done: list[Any] = []
     started = time.monotonic()
     async with client:
-        with anyio.move_on_after(0.3) as scope:
+        # New keys carry one call each for their first 0.25 s (probation): give every worker time
+        # to start its request before the cancel.
+        with anyio.move_on_after(1.0) as scope:
             done.append(await client.batch_chat([chat_request(i) for i in range(200)], concurrency=8))
     elapsed = time.monotonic() - started
     assert scope.cancelled_caught
     assert done == []
-    assert elapsed < 1.5
+    assert elapsed < 2.5
     assert pool.capacity("deepseek").in_flight == 0
     for row in pool.stats("deepseek"):  # a cancellation blames no key
         assert (row["state"], row["total_failures"], row["in_flight"]) == ("closed", 0, 0)

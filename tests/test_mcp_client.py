@@ -236,7 +236,7 @@ async def test_both_replicas_dead_give_the_structured_fallback_well_within_the_d
         assert all(rig.stats(k)["total_failures"] == THRESHOLD for k in TOKENS)
 
 
-async def test_hung_replicas_give_the_fallback_at_the_call_deadline(rig: Rig) -> None:
+async def test_hung_replicas_time_out_at_the_callers_deadline_and_count_against_nobody(rig: Rig) -> None:
     async with rig.client(call_timeout=0.5) as client:
         assert_echoed(await echo(client))
         for replica in rig.replicas.values():
@@ -244,25 +244,56 @@ async def test_hung_replicas_give_the_fallback_at_the_call_deadline(rig: Rig) ->
         started = time.monotonic()
         result = await echo(client)
         elapsed = time.monotonic() - started
-        assert_fallback(result)
-        assert result.structured_content["last_error"] == "TimeoutError"
+        assert result.is_error
+        assert result.structured_content is not None
+        assert result.structured_content["error"] == "timeout"
+        assert result.structured_content["timeout"] == 0.5
         assert 0.45 <= elapsed < 1.0, elapsed
         assert rig.pool.capacity(SERVER).in_flight == 0
-        assert sum(rig.stats(k)["failure_count"] for k in TOKENS) == 1  # one attempt, one deadline
+        # The caller's own deadline cut it: not the endpoint's failure.
+        assert sum(rig.stats(k)["failure_count"] for k in TOKENS) == 0
+        for replica in rig.replicas.values():
+            replica.clear_fault()
+        assert_echoed(await echo(client))
+
+
+async def test_an_attempt_past_attempt_timeout_counts_and_is_rerun_only_if_idempotent(rig: Rig) -> None:
+    async with rig.client(call_timeout=2.0, attempt_timeout=0.2) as client:
+        while not all(rig.stats(k)["total_successes"] for k in TOKENS):  # both sessions open
+            assert_echoed(await echo(client))
+        for replica in rig.replicas.values():
+            replica.hang()
+        result = await echo(client)  # it may have run: not re-run on the other replica
+        assert result.is_error
+        assert result.structured_content is not None
+        assert result.structured_content["error"] == "call_failed"
+        assert result.structured_content["retried"] is False
+        assert sum(rig.stats(k)["failure_count"] for k in TOKENS) == 1
+        again = await client.call_tool("echo", {"text": "x"}, idempotent=True)  # may run twice: both tried
+        assert again.is_error
+        assert again.structured_content is not None
+        assert again.structured_content["error"] == "circuit_open"
+        assert again.structured_content["last_error"] == "TimeoutError"
+        assert sum(rig.stats(k)["failure_count"] for k in TOKENS) == 3
+        assert rig.pool.capacity(SERVER).in_flight == 0
         for replica in rig.replicas.values():
             replica.clear_fault()
         assert_echoed(await echo(client))
 
 
 async def test_opening_a_session_to_a_wedged_replica_is_bounded_too(rig: Rig) -> None:
-    """A replica that accepts but never answers: the call falls back at its deadline, and the task
-    that was opening the session gives up too instead of waiting on httpx2's read timeout."""
+    """A replica that accepts but never answers: the call times out at its deadline, and the task
+    that was opening the session gives up too (nobody waits for it any more) instead of waiting
+    on httpx2's read timeout."""
     for replica in rig.replicas.values():
         replica.hang()
     async with rig.client(call_timeout=0.4) as client:
         before = len(asyncio.all_tasks())
         started = time.monotonic()
-        assert_fallback(await echo(client))
+        timed_out = await echo(client)
+        assert timed_out.is_error
+        assert timed_out.structured_content is not None
+        assert timed_out.structured_content["error"] == "timeout"
         assert time.monotonic() - started < 1.0
         with anyio.fail_after(3):
             while len(asyncio.all_tasks()) > before:  # noqa: ASYNC110 -- no event for "task ended"
@@ -389,7 +420,7 @@ async def test_list_tools_is_cached_and_refresh_refetches(rig: Rig) -> None:
         rig.pool.trip(SERVER, "b")  # one endpoint, so that request counts are exact
         tools = await client.list_tools()
         assert sorted(t.name for t in tools) == sorted(TOOL_NAMES)
-        assert {t.name: t.input_schema["required"] for t in tools}["add"] == ["a", "b"]
+        assert {t.name: t.input_schema.get("required") for t in tools}["add"] == ["a", "b"]
         after_first = sum(rig.requests().values())
         for _ in range(3):
             again = await client.list_tools()

@@ -317,7 +317,9 @@ async def test_poison_request_raises_bad_request_once_and_opens_nothing(rig: Rig
 @STREAM
 async def test_hanging_key_times_out_and_the_request_fails_over(net_rig: Rig, stream: bool) -> None:
     rig = net_rig
-    quick = rig.client.with_options(timeout=0.25)
+    # A key silent past the time-to-headers limit is failed over (the caller's own deadline, were
+    # it shorter, would end the call instead, and count against no key).
+    quick = rig.client.with_options(headers_timeout=0.25)
     rig.upstream.set_fault(SECRETS["alpha"], Fault.hang())
     started = time.monotonic()
     await rig.drive_until("alpha", lambda c: c.hangs == 1, stream=stream, client=quick)
@@ -331,7 +333,7 @@ async def test_hanging_key_times_out_and_the_request_fails_over(net_rig: Rig, st
 async def test_timeouts_count_toward_the_threshold(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig("async-loopback")
     rig.pool.update_config({"failure_threshold": 2}, provider="deepseek")
-    quick = rig.client.with_options(timeout=0.2)
+    quick = rig.client.with_options(headers_timeout=0.2)
     rig.upstream.set_fault(SECRETS["alpha"], Fault.hang())
     await rig.drive_until("alpha", lambda c: c.hangs == 2, client=quick)
     assert (rig.stats("alpha")["state"], rig.stats("alpha")["open_reason"]) == ("open", "failures")

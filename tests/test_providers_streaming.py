@@ -28,7 +28,7 @@ from tests.upstreams import Swap, messages
 
 SECRETS = {"alpha": "sk-stream-alpha-93e1f0aa", "bravo": "sk-stream-bravo-17c4d2bb"}
 TEXT = "one two three four five six"
-IDLE = 0.3  # stream_idle_timeout (and the sync client's read timeout) in the stall tests
+IDLE = 0.3  # stream_idle_timeout (and the sync client's headers_timeout) in the stall tests
 
 
 @dataclass
@@ -122,8 +122,9 @@ async def make_rig(loopback: tuple[Swap, LoopbackServer]) -> AsyncIterator[Calla
             client = AsyncDeepSeek(pool=pool, base_url=server.base_url, stream_idle_timeout=IDLE)
         else:
             swap.app = upstream
-            # The sync client has no idle timer of its own: the read timeout plays that part.
-            client = DeepSeek(pool=pool, base_url=server.base_url, timeout=IDLE)
+            # The sync client has no idle timer of its own: the time-to-headers limit, which bounds
+            # every read of an attempt, plays that part (a key, not the caller's deadline).
+            client = DeepSeek(pool=pool, base_url=server.base_url, headers_timeout=IDLE)
         rig = Rig(kind, upstream, pool, client)
         made.append(rig)
         return rig
@@ -247,8 +248,10 @@ async def test_every_key_stalling_before_the_first_byte_sync(make_rig: Callable[
     rig.upstream.set_default_fault(Fault.stall(after_chunks=0))
     got = await rig.stream()
     assert isinstance(got.error, openai.APITimeoutError), repr(got.error)
-    assert rig.upstream.total_requests() == 2  # both keys tried, each once
-    assert rig.totals() == (0, 2)
+    # Both keys tried once (the first stall beside a clean key is free), then max_retries=2 more
+    # attempts after openai's own backoff, as the plain client would retry its one endpoint.
+    assert rig.upstream.total_requests() == 4
+    assert rig.totals() == (0, 4)
 
 
 @pytest.mark.anyio

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -239,6 +240,40 @@ def test_half_open_trials_across_pools_never_exceed_the_limit(env: Env) -> None:
         got.release()
 
 
+def test_a_pool_that_knows_every_slot_is_taken_elsewhere_asks_the_store_nothing(env: Env) -> None:
+    """Other pools' trials are published: a request that ends on a healthy key pays no claim."""
+    a, b = env.pool(), env.pool()
+    k = key(a)
+    trip_and_wait_half_open(env, a, b, k)
+    held = [lease(a, k) for _ in range(env.config.half_open_max_calls)]
+    env.eventually(lambda: b.key_stats(k, P)["trials_in_flight"] == env.config.half_open_max_calls)
+    asked: list[str] = []
+    store = b._store
+    assert store is not None
+    claim = store.claim
+
+    def counting(provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
+        asked.append(key_id)
+        return claim(provider, key_id, token, config)
+
+    store.claim = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(40):
+            with b.try_acquire(P) as got:
+                assert got.key_id != k
+        assert b.try_acquire_key(P, k) is None
+        assert asked == []
+    finally:
+        store.claim = claim  # type: ignore[method-assign]
+    for got in held:
+        got.release()
+    env.eventually(lambda: b.key_stats(k, P)["trials_in_flight"] == 0)
+    again = b.try_acquire_key(P, k)  # free again, for b too
+    assert again is not None
+    assert again.trial
+    again.release()
+
+
 def test_trial_successes_close_the_key_everywhere(env: Env) -> None:
     a, b = env.pool(), env.pool()
     k = key(a)
@@ -458,7 +493,7 @@ def test_the_memory_store_tells_pools_of_changes_in_the_order_it_made_them() -> 
 
 # ---------------------------------------------------------------------- Python model == Lua script
 
-OPS: list[Op] = ["failure", "success", "claim", "release", "throttle", "quarantine", "trip", "reset", "read"]
+OPS: list[Op] = list(typing.get_args(Op))
 TOKENS = ["", "t1", "t2", "t3"]
 
 
@@ -486,6 +521,7 @@ def _lua_state(client: redis.Redis, h: str, z: str) -> SharedBreaker:
         streak=int(raw.get("k", 0)),
         reason=raw.get("reason", ""),
         version=int(raw.get("v", 0)),
+        stamp=int(float(raw.get("ts", 0))),
         trials=trials,
     )
 
@@ -493,8 +529,18 @@ def _lua_state(client: redis.Redis, h: str, z: str) -> SharedBreaker:
 step = st.tuples(
     st.sampled_from(OPS),
     st.sampled_from(TOKENS),
-    st.integers(min_value=0, max_value=40),  # throttle ms
+    st.integers(min_value=0, max_value=40),  # throttle or lease ms
     st.sampled_from([0.0, 0.0, 0.0, 0.0, 0.003, 0.011]),  # real seconds to wait before the step
+)
+# A merge's local view: open, open_until and throttled_until (ms from now), quarantine, reason and
+# how old its stamp is (ms; negative: newer than now).
+local_view = st.tuples(
+    st.booleans(),
+    st.integers(min_value=-5, max_value=30),
+    st.sampled_from([0, 0, 5, 20]),
+    st.sampled_from(["", "", "manual", "quota"]),
+    st.sampled_from(["", "failures", "trial_failed"]),
+    st.integers(min_value=-20, max_value=20),
 )
 
 
@@ -508,6 +554,7 @@ step = st.tuples(
     jitter=0.0,
     draw=0.0,
     timeout_ms=2,
+    views=None,
 )
 # Half-up vs half-to-even rounding of a grown open time (9 ms * 1.5 = 13.5 ms): once apart by 1 ms.
 @example(
@@ -519,10 +566,12 @@ step = st.tuples(
     jitter=0.0,
     draw=0.0,
     timeout_ms=9,
+    views=None,
 )
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     steps=st.lists(step, min_size=1, max_size=25),
+    views=st.lists(local_view, min_size=25, max_size=25),
     threshold=st.integers(min_value=1, max_value=3),
     successes=st.integers(min_value=1, max_value=2),
     slots=st.integers(min_value=1, max_value=2),
@@ -534,6 +583,7 @@ step = st.tuples(
 def test_python_model_and_lua_script_agree(
     redis_server: RedisServer,
     steps: list[tuple[Op, str, int, float]],
+    views: list[tuple[bool, int, int, str, str, int]] | None,
     threshold: int,
     successes: int,
     slots: int,
@@ -542,8 +592,12 @@ def test_python_model_and_lua_script_agree(
     draw: float,
     timeout_ms: int,
 ) -> None:
-    """Each step runs in Lua first; Python then applies it at the ``now`` the script reports."""
+    """Each step runs in Lua first; Python then applies it at the ``now`` the script reports.
+
+    A merge's local view is given relative to the store's last ``now`` (the script reads the clock
+    itself), so a stamp may be older or newer than the key's."""
     from keypool.store._redis import _SCRIPT
+    from keypool.store._wire import Change, Local, argv
 
     cfg = BreakerConfig(
         failure_threshold=threshold,
@@ -561,31 +615,51 @@ def test_python_model_and_lua_script_agree(
     h, z, epoch = f"{ns}:b:p:k", f"{ns}:b:p:k:trials", f"{ns}:epoch"
     client.set(epoch, "1")
     py = SharedBreaker()
+    last_now = int(client.time()[0]) * 1000
     try:
-        for op, token, arg, pause in steps:
+        for i, (op, token, arg, pause) in enumerate(steps):
             if pause:
                 time.sleep(pause)
-            argv = [
+            local: Local | None = None
+            if op == "merge":
+                opened, until, throttled, quarantine, why, age = (
+                    views[i] if views else (False, 0, 0, "", "", 0)
+                )
+                local = Local(
+                    opened,
+                    last_now + until if opened else 0,
+                    last_now + throttled if throttled else 0,
+                    quarantine,
+                    why,
+                    max(0, py.stamp - age),
+                )
+            cap = last_now + arg // 2 if op == "renew" else 0
+            change = Change("p", "k", op, cfg, token, arg, "quota" if op == "quarantine" else "", cap)
+            args = argv(change, f"{ns}:events", draw, local, "e2")
+            out = script(keys=[h, z, epoch], args=args)
+            now = last_now = int(out[11])
+            mirror = None
+            if local is not None:
+                mirror = SharedBreaker(
+                    open=local.open,
+                    open_until=local.open_until,
+                    throttled_until=local.throttled_until,
+                    quarantine=local.quarantine,
+                    reason=local.reason,
+                    stamp=local.stamp,
+                )
+            verdict = apply(
+                py,
                 op,
-                cfg.failure_threshold,
-                cfg.success_threshold,
-                round(cfg.timeout * 1000),
-                cfg.backoff_multiplier,
-                round(cfg.max_timeout * 1000),
-                cfg.jitter,
-                cfg.half_open_max_calls,
-                round(cfg.probe_timeout * 1000),
-                token,
-                arg,
-                "quota" if op == "quarantine" else "",
-                f"{ns}:events",
-                "p",
-                "k",
-                draw,
-            ]
-            out = script(keys=[h, z, epoch], args=argv)
-            now = int(out[11])
-            verdict = apply(py, op, now, cfg, token=token, arg=arg, reason=str(argv[11]), rng=_Fixed(draw))
+                now,
+                cfg,
+                token=token,
+                arg=arg,
+                reason=change.reason,
+                cap=cap,
+                local=mirror,
+                rng=_Fixed(draw),
+            )
             py = verdict.state
             assert int(out[9]) == int(verdict.allowed), (op, token)
             assert int(out[10]) == int(verdict.changed), (op, token)

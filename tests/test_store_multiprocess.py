@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import statistics
 import time
 import traceback
@@ -22,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.process_fleet import Fleet
 from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.slow
@@ -36,7 +35,7 @@ TRIAL_KEYS = [f"h{i}" for i in range(ROUNDS)]
 OTHER_KEYS = ["x0", "x1", "x2", "x3"]
 
 
-def _worker(url: str, namespace: str, conn: Connection, barrier: Any) -> None:
+def _worker(url: str, namespace: str, barrier: Any, conn: Connection) -> None:
     """One process: a pool on Redis, driven by commands over ``conn``."""
     from keypool import BreakerConfig, BreakerState, KeyPool, KeyStateChanged, Lease, classify_status
     from keypool.store import RedisStore
@@ -138,58 +137,6 @@ def _worker(url: str, namespace: str, conn: Connection, barrier: Any) -> None:
         store.close()
 
 
-class Fleet:
-    """The four processes, and a way to ask each of them something."""
-
-    def __init__(self, url: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.namespace = f"mp{uuid.uuid4().hex[:8]}"
-        self.barrier = ctx.Barrier(PROCESSES)
-        self.conns: list[Connection] = []
-        self.procs: list[Any] = []
-        for _ in range(PROCESSES):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(url, self.namespace, theirs, self.barrier), daemon=True)
-            proc.start()
-            self.conns.append(mine)
-            self.procs.append(proc)
-        for i in range(PROCESSES):
-            self.receive(i, timeout=60)
-
-    def send(self, i: int, command: str, arg: Any = None) -> None:
-        self.conns[i].send((command, arg))
-
-    def receive(self, i: int, timeout: float = 15) -> Any:
-        if not self.conns[i].poll(timeout):
-            raise AssertionError(f"process {i} did not answer in {timeout} s")
-        status, value = self.conns[i].recv()
-        if status == "error":
-            raise AssertionError(f"process {i} failed:\n{value}")
-        return value
-
-    def ask(self, i: int, command: str, arg: Any = None) -> Any:
-        self.send(i, command, arg)
-        return self.receive(i)
-
-    def ask_all(self, command: str, arg: Any = None, who: list[int] | None = None) -> list[Any]:
-        who = list(range(PROCESSES)) if who is None else who
-        for i in who:
-            self.send(i, command, arg)
-        return [self.receive(i) for i in who]
-
-    def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):  # it may be gone already
-                conn.send(("stop", None))
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-        for conn in self.conns:
-            conn.close()
-
-
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     yield from running_redis()
@@ -197,7 +144,8 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: RedisServer) -> Iterator[Fleet]:
-    group = Fleet(redis_server.url)
+    namespace = f"mp{uuid.uuid4().hex[:8]}"
+    group = Fleet(PROCESSES, _worker, lambda barrier: (redis_server.url, namespace, barrier))
     try:
         yield group
     finally:

@@ -19,11 +19,11 @@ import openai
 import pytest
 import redis
 
-from keypool import BreakerConfig, KeyPool, classify_status
+from keypool import BreakerConfig, KeyPool, MonotonicClock, classify_status
 from keypool.store import RedisStore
 from keypool.testing import FakeUpstream, Fault, LoopbackServer
 from providers import AsyncDeepSeek
-from tests.redis_server import RedisServer, free_port, redis_server_binary, running_redis
+from tests.redis_server import RedisServer, closed_afterwards, free_port, redis_server_binary, running_redis
 
 P = "deepseek"
 SECRETS = [f"sk-redis-{i}" for i in range(4)]
@@ -45,10 +45,7 @@ def upstream() -> Iterator[tuple[FakeUpstream, LoopbackServer]]:
 
 @pytest.fixture
 def stores() -> Iterator[list[RedisStore]]:
-    made: list[RedisStore] = []
-    yield made
-    for store in made:
-        store.close()
+    yield from closed_afterwards()
 
 
 def new_store(made: list[RedisStore], url: str, namespace: str, **options: Any) -> RedisStore:
@@ -270,8 +267,11 @@ def test_a_hanging_redis_never_fails_or_stalls_a_request(
         for i in range(300):
             pool = (a, b)[i % 2]
             started = time.perf_counter()
-            lease = pool.try_acquire_key(P, "k3") if i in (0, 1) else pool.acquire_sync(P, timeout=1)
-            assert lease is not None
+            if i in (0, 1):  # a trial claim Redis cannot answer in time is refused, not admitted
+                assert pool.try_acquire_key(P, "k3") is None
+                worst = max(worst, time.perf_counter() - started)
+                continue
+            lease = pool.acquire_sync(P, timeout=1)
             if lease.key_id == "k1":
                 lease.failure("503")  # a change to share: it must not wait for Redis
             elif i in (50, 51):
@@ -280,9 +280,16 @@ def test_a_hanging_redis_never_fails_or_stalls_a_request(
                 lease.success()
             worst = max(worst, time.perf_counter() - started)
         wait_for(lambda: a_store.degraded and b_store.degraded, timeout=3)
-        # Only the first trial claim of each store waits, and no longer than claim_timeout.
+        # A trial claim waits no longer than claim_timeout; the store degraded because Redis
+        # answered no ping either, and now the local breakers decide.
         assert worst < a_store.claim_timeout + 0.1
+        assert a_store.slow_claims >= 1
         assert len(store_records(caplog, logging.WARNING, "unavailable")) == 2
+        assert all("no answer in time" in r.getMessage() for r in store_records(caplog, logging.WARNING, ""))
+        trial = a.try_acquire_key(P, "k3")
+        assert trial is not None
+        assert trial.trial
+        trial.release()
     finally:
         server.resume()
     # The connections survived the pause: the store must notice by itself that Redis answers again.
@@ -322,15 +329,15 @@ def test_news_that_overtakes_a_slow_reply_is_not_lost(server: RedisServer, store
     ns = f"late{uuid.uuid4().hex[:6]}"
     a_store, b_store = new_store(stores, server.url, ns), new_store(stores, server.url, ns)
     a, b = new_pool(a_store), new_pool(b_store)
-    script = a_store._script
+    batch = a_store._batch
 
-    async def slow_reply(keys: list[str], args: list[Any]) -> Any:
-        result = await script(keys=keys, args=args)
-        if args[0] == "failure":
+    async def slow_reply(changes: Any, merges: Any = None) -> Any:
+        result = await batch(changes, merges)
+        if any(change.op == "failure" for change in changes):
             await asyncio.sleep(0.15)  # (within op_timeout: slow, not failed)
         return result
 
-    a_store._script = slow_reply
+    a_store._batch = slow_reply  # type: ignore[method-assign]
     lease = a.try_acquire_key(P, "k0")
     assert lease is not None
     lease.failure("503")
@@ -410,3 +417,37 @@ def test_closing_the_store_stops_its_thread(server: RedisServer) -> None:
     assert lease is not None
     lease.failure("503")
     pool.reset(P)
+
+
+# ---------------------------------------------------------------------- clocks
+
+
+class SteppedClock(MonotonicClock):
+    """The monotonic clock plus a step the test sets (a clock that jumped)."""
+
+    def __init__(self) -> None:
+        self.step = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.step
+
+
+def test_a_clock_step_is_noticed_at_the_next_measurement(
+    server: RedisServer, stores: list[RedisStore]
+) -> None:
+    """Deadlines cross processes on Redis's clock; a pool's clock that jumps would skew them all
+    until the offset is measured again (every ``clock_interval``), not just at the next outage."""
+    ns = f"clk{uuid.uuid4().hex[:6]}"
+    clock = SteppedClock()
+    a_store = new_store(stores, server.url, ns, clock_interval=0.2)
+    b_store = new_store(stores, server.url, ns)
+    cfg = BreakerConfig(jitter=0.0, timeout=60).model_dump()
+    a = KeyPool({"providers": [{"name": P, "keys": KEYS, "breaker": cfg}]}, store=a_store, clock=clock)
+    b = new_pool(b_store, timeout=60)
+    clock.step = 3600.0  # a's clock jumps an hour ahead
+    time.sleep(0.6)  # a few measurements later
+    b.trip(P, "k0")
+    wait_for(lambda: state(a, "k0") == "open")
+    until = a._key(P, "k0").breaker.tripped_until()
+    assert until is not None
+    assert until - clock.now() == pytest.approx(60, abs=1)  # an hour off without the measurement

@@ -5,11 +5,11 @@ bound to it agrees on which keys are open, when they reopen, how many trial call
 which keys are throttled or quarantined.
 """
 
-from ._base import SharedStore, SharedView
+from ._base import SharedStore, SharedView, StoreUnavailable
 from ._memory import MemoryStore
 from ._model import SharedBreaker
 
-__all__ = ["MemoryStore", "RedisStore", "SharedBreaker", "SharedStore", "SharedView"]
+__all__ = ["MemoryStore", "RedisStore", "SharedBreaker", "SharedStore", "SharedView", "StoreUnavailable"]
 
 
 def __getattr__(name: str) -> object:

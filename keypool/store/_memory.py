@@ -9,35 +9,17 @@ from __future__ import annotations
 
 import random
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock, MonotonicClock
 from .._config import BreakerConfig
-from ._base import SharedView
+from ._base import view_of
 from ._model import Op, SharedBreaker, apply
 
 if TYPE_CHECKING:
     from .._pool import KeyPool
 
-__all__ = ["MemoryStore", "view_of"]
-
-
-def view_of(state: SharedBreaker, to_local: float) -> SharedView:
-    """A store state in a pool's clock: store milliseconds minus ``to_local`` seconds."""
-
-    def local(ms: int) -> float:
-        return ms / 1000.0 - to_local if ms else 0.0
-
-    return SharedView(
-        open=state.open,
-        open_until=local(state.open_until),
-        throttled_until=local(state.throttled_until),
-        quarantine=state.quarantine,
-        reason=state.reason,
-        failures=state.failures,
-        successes=state.successes,
-        version=state.version,
-    )
+__all__ = ["MemoryStore"]
 
 
 def _ms(seconds: float) -> int:
@@ -56,19 +38,26 @@ class MemoryStore:
         self._states: dict[tuple[str, str], SharedBreaker] = {}
         self._pools: list[KeyPool] = []
         self._rng = random.Random(seed)
+        self._admin_log: list[dict[str, Any]] = []  # operators' changes, in order (see _admin)
+        self._admin_seen: dict[int, int] = {}  # id(pool) -> entries of the log it has applied
 
     def bind(self, pool: KeyPool) -> None:
-        """Share ``pool``'s keys: merge what it knows (the most restrictive view wins, as when a
-        :class:`RedisStore` resynchronises) and tell it what the other pools already decided."""
+        """Share ``pool``'s keys: what it knows of a key that the store holds nothing newer about
+        (a key it tripped, throttled or quarantined on its own) is merged in as news of now, and
+        it is told what the other pools already decided."""
         with self._lock:
             if pool not in self._pools:
                 self._pools.append(pool)
+            self._replay(pool)  # the configuration the other pools run with, keys included
         for provider, key_id, view in pool.shared_views():
+            knows = view.open or bool(view.quarantine) or view.throttled_until > 0
             local = SharedBreaker(
                 open=view.open,
                 open_until=_ms(view.open_until),
                 throttled_until=_ms(view.throttled_until),
                 quarantine=view.quarantine,
+                reason=view.reason,
+                stamp=self._now() if knows else 0,
             )
             config = pool.breaker_config(key_id, provider)
             with self._lock:
@@ -113,6 +102,25 @@ class MemoryStore:
 
     def claim(self, provider: str, key_id: str, token: str, config: BreakerConfig) -> bool:
         return self._apply(provider, key_id, "claim", config, token, 0, "")[2]
+
+    def share_admin(self, pool: KeyPool, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._admin_log.append(entry)
+            self._admin_seen[id(pool)] = len(self._admin_log)  # the pool applied it already
+            for other in list(self._pools):
+                if other is not pool:
+                    self._replay(other)
+
+    def _replay(self, pool: KeyPool) -> None:
+        """Apply the entries ``pool`` has not seen yet, in order (the lock held)."""
+        seen = self._admin_seen.get(id(pool), 0)
+        for entry in self._admin_log[seen:]:
+            added = pool.apply_admin(entry)
+            if added is not None:
+                state = self._states.get(added)
+                if state is not None and state.version:
+                    pool.adopt_shared(*added, view_of(state, 0.0))
+        self._admin_seen[id(pool)] = len(self._admin_log)
 
     def state(self, provider: str, key_id: str) -> SharedBreaker:
         """What the store holds for a key (for tests and inspection)."""

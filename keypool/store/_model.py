@@ -7,6 +7,17 @@ reference the contract tests hold both to.
 
 Half-open is not stored: it is ``open`` whose deadline has passed, so every process agrees on
 when a key reopens without anyone having to write it.
+
+Two numbers order the changes. ``version`` counts every change the store made to a key (trial
+slots included), so a process can drop news older than what it holds. ``stamp`` is the store-clock
+instant of the key's last change of *state* (open, its deadline, throttle, quarantine): after the
+store was unreachable or restarted from an older snapshot, a ``merge`` keeps whichever side changed
+last, so an operator's reset made meanwhile beats an older quarantine and a newer trip beats an
+older reset.
+
+Trial slots are leases: a claim holds its slot for ``arg`` ms (the store's ``trial_lease``), which
+the holder renews while the trial runs, never past ``probe_timeout`` from the claim. A process
+that dies holding a slot frees it within one lease.
 """
 
 from __future__ import annotations
@@ -21,7 +32,17 @@ from .._config import BreakerConfig
 __all__ = ["Op", "SharedBreaker", "Verdict", "apply"]
 
 Op = Literal[
-    "failure", "success", "claim", "release", "throttle", "quarantine", "trip", "reset", "merge", "read"
+    "failure",
+    "success",
+    "claim",
+    "renew",
+    "release",
+    "throttle",
+    "quarantine",
+    "trip",
+    "reset",
+    "merge",
+    "read",
 ]
 
 
@@ -38,6 +59,7 @@ class SharedBreaker:
     streak: int = 0
     reason: str = ""  # why it last tripped: failures or trial_failed
     version: int = 0
+    stamp: int = 0  # when the state (open, open_until, throttled_until, quarantine) last changed
     trials: tuple[tuple[str, int], ...] = ()  # (token, expires at)
 
     def half_open(self, now: int) -> bool:
@@ -75,13 +97,20 @@ def apply(
     token: str = "",
     arg: int = 0,
     reason: str = "",
+    cap: int = 0,
     local: SharedBreaker | None = None,
     rng: random.Random | None = None,
 ) -> Verdict:
-    """Apply one operation at store time ``now`` (ms). Mirrors ``redis_script.lua`` line for line."""
+    """Apply one operation at store time ``now`` (ms). Mirrors ``redis_script.lua`` line for line.
+
+    ``arg`` is a throttle's length or a trial lease's (ms); ``cap`` is the latest instant a renewed
+    lease may reach; ``local`` (merge) is a process's own view, its ``stamp`` when it last changed.
+    """
     rng = rng or random.Random()
-    # As the script does: sweep expired slots, and free the caller's own (only a real token).
-    trials = tuple((t, exp) for t, exp in s.trials if exp > now and not (token and t == token))
+    # As the script does: sweep expired slots, and free the caller's own (only a real token; a
+    # renewal keeps it).
+    mine = bool(token) and op != "renew"
+    trials = tuple((t, exp) for t, exp in s.trials if exp > now and not (mine and t == token))
     before = s
     s = replace(s, trials=trials)
     half = s.half_open(now)
@@ -125,8 +154,14 @@ def apply(
         elif not s.open:
             allowed = True  # closed: no trial slot needed
         elif len(s.trials) < cfg.half_open_max_calls:
-            s = replace(s, trials=(*s.trials, (token, now + round(cfg.probe_timeout * 1000))))
+            probe = round(cfg.probe_timeout * 1000)
+            lease = min(arg, probe) if arg > 0 else probe
+            s = replace(s, trials=(*s.trials, (token, now + lease)))
             allowed = True
+    elif op == "renew":
+        if token and not s.quarantine:
+            until = min(now + arg, cap) if cap else now + arg
+            s = replace(s, trials=tuple((t, max(exp, until) if t == token else exp) for t, exp in s.trials))
     elif op == "throttle":
         until = now + arg
         if until > s.throttled_until:
@@ -139,26 +174,37 @@ def apply(
             s = trip(s, "failures")
     elif op == "reset":
         s = close(replace(s, quarantine="", throttled_until=0))
-    elif op == "merge" and local is not None:
-        # After an outage of the store: the most restrictive view wins, so a store that lost its
-        # state (a restart) never closes a breaker that a process knows to be open.
+    elif op == "merge" and local is not None and local.stamp > s.stamp:
+        # After the store was unreachable or lost state: the side that changed last wins, whole.
+        same = local.open == s.open and (not local.open or local.open_until == s.open_until)
+        tripped = local.open and not local.quarantine
         s = replace(
             s,
-            quarantine=s.quarantine or local.quarantine,
-            throttled_until=max(s.throttled_until, local.throttled_until),
+            open=local.open,
+            open_until=local.open_until if local.open else 0,
+            throttled_until=local.throttled_until,
+            quarantine=local.quarantine,
+            reason=(local.reason or "failures") if tripped else s.reason,
+            failures=0,
+            successes=0,
+            streak=max(s.streak, 1) if tripped else (s.streak if local.quarantine else 0),
+            trials=s.trials if same else (),
         )
-        if local.quarantine or (local.open and (not s.open or local.open_until > s.open_until)):
-            s = replace(s, open=True, open_until=max(s.open_until, local.open_until))
-    changed = _fields(s) != _fields(before)
+    if _state(s) != _state(before):
+        s = replace(s, stamp=local.stamp if op == "merge" and local is not None else now)
+    changed = _fields(s) != _fields(before) or sorted(s.trials) != sorted(before.trials)
     if changed:
         s = replace(s, version=before.version + 1)
-    elif s.trials != before.trials:
-        s = replace(s, version=before.version)
     return Verdict(state=s, changed=changed, allowed=allowed, now=now)
 
 
+def _state(s: SharedBreaker) -> tuple[object, ...]:
+    """What a state change is (its instant is the key's ``stamp``); counts are not."""
+    return (s.open, s.open_until, s.throttled_until, s.quarantine)
+
+
 def _fields(s: SharedBreaker) -> tuple[object, ...]:
-    """What observers care about (trial slots change without a new version)."""
+    """What observers care about, besides the trial slots."""
     return (
         s.open,
         s.open_until,

@@ -146,16 +146,14 @@ class _Request:
         self.started = started
         self.worker = worker
         self.deadline = started + traffic.spec.request_timeout
-        # RequestPlan.start without a shared budget, with the run's generator for the backoff's
-        # jitter (start would seed a fresh one per request from the OS: slow and not reproducible).
-        self.plan = RequestPlan(
-            started=started,
-            deadline=self.deadline,
+        self.plan = RequestPlan.start(
+            started,
+            total=traffic.spec.request_timeout,
             settings=traffic.settings,
-            attempts_left=traffic.max_attempts,
+            keys=traffic.key_count,
             replayable=True,
-            rng=rng,
         )
+        self.plan.rng = rng  # the backoff's jitter from the run's seed, not the process-wide one
         self.answered = False  # an attempt was made (a later refusal fails it rather than refuses it)
         self.queued = False  # waiting in its provider's queue
         self.until = 0.0  # when its current wait ends (it then looks again)
@@ -174,7 +172,7 @@ class _Stream:
     __slots__ = (
         "arrivals",
         "end",
-        "max_attempts",
+        "key_count",
         "max_wait",
         "provider",
         "refused_until",
@@ -195,7 +193,7 @@ class _Stream:
             headers_timeout=spec.headers_timeout,
             attempt_timeout=spec.attempt_timeout,
         )
-        self.max_attempts = spec.max_attempts or max(1, key_count + spec.retries)
+        self.key_count = key_count
         # Arrivals before this instant are refused for this reason (see fast_refusals).
         self.refused_until: tuple[float, str] = (-1.0, "")
         self.end = min(horizon, math.inf if spec.end is None else spec.end)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -77,12 +77,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tune(args: argparse.Namespace) -> int:
+def _refusing_bad_input(command: str, run: Callable[[], int]) -> int:
+    """Run a simulator command; bad input (a ConfigError naming the field) exits 2 with its message."""
     from keypool import ConfigError
-    from keypool.sim._commands import tune_command
 
     try:
-        return tune_command(
+        return run()
+    except ConfigError as exc:
+        print(f"keypool {command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from keypool.sim._commands import tune_command
+
+    return _refusing_bad_input(
+        "tune",
+        lambda: tune_command(
             log=args.log,
             provider=args.provider,
             rate=args.rate,
@@ -97,28 +108,24 @@ def _tune(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             as_json=args.json,
             progress=not args.no_progress,
-        )
-    except ConfigError as exc:
-        print(f"keypool tune: {exc}", file=sys.stderr)
-        return 2
+        ),
+    )
 
 
 def _study(args: argparse.Namespace) -> int:
-    from keypool import ConfigError
     from keypool.sim._commands import study_command
 
-    try:
-        return study_command(
+    return _refusing_bad_input(
+        "study",
+        lambda: study_command(
             out=args.out,
             doc=None if args.no_doc else args.doc,
             quick=args.quick,
             seed=args.seed,
             jobs=args.jobs,
             plots=not args.no_plots,
-        )
-    except ConfigError as exc:
-        print(f"keypool study: {exc}", file=sys.stderr)
-        return 2
+        ),
+    )
 
 
 def _serve_admin_environment() -> str:

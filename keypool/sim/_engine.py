@@ -288,6 +288,15 @@ class Simulation:
         """End the run after the current event."""
         self._stopped = True
 
+    def stop_when_closed(self, after: float) -> None:
+        """End the run when a breaker closes at or after ``after`` seconds (a healed key is back)."""
+
+        def stop(run: Simulation, change: StateChange) -> None:
+            if change.new == "closed" and change.t >= after:
+                run.stop()
+
+        self.on_change.append(stop)
+
     def call_at(self, t: float, action: Callable[[Simulation], None]) -> None:
         """Run ``action(sim)`` at virtual time ``t`` (operator actions, probes, measurements)."""
         self._push(t, _CALL, action)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._events import CallRecorded, PoolEvent
-from ._engine import Simulation, StateChange, simulate
+from ._engine import Simulation, simulate
 from ._scenario import Scenario
 
 __all__ = ["MEASURES"]
@@ -122,12 +122,7 @@ def recovery(*, seed: int, timeout: float, s: int, outage: str, p_after: float) 
         duration=t1 + 40 * timeout,
     )
     sim = Simulation(scenario, seed)
-
-    def stop_when_closed(run: Simulation, change: StateChange) -> None:
-        if change.new == "closed" and change.t >= t1:
-            run.stop()
-
-    sim.on_change.append(stop_when_closed)
+    sim.stop_when_closed(after=t1)
     result = sim.run()
     trip = result.first_trip("key-1", after=t0)
     closed = result.closed_at("key-1", after=t1)
@@ -218,12 +213,7 @@ def half_open(*, seed: int, m: int, s: int, mode: str, timeout: float) -> dict[s
             trial_failures[0] += 1
 
     sim = Simulation(scenario, seed, hooks=[count])
-
-    def stop_when_closed(run: Simulation, change: StateChange) -> None:
-        if change.new == "closed" and change.t >= t1:
-            run.stop()
-
-    sim.on_change.append(stop_when_closed)
+    sim.stop_when_closed(after=t1)
     result = sim.run()
     episodes = sum(1 for c in result.transitions if c.new == "half_open" and t0 <= c.t < t1)
     closed = result.closed_at("key-1", after=t1)

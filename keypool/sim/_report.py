@@ -297,31 +297,22 @@ def tables(doc: dict[str, Any]) -> dict[str, str]:
         ],
     )
     sim_rows = []
+
+    def sim_row(label: str, r: dict[str, Any], failure_rate: float) -> list[str]:
+        agrees = "yes" if r["agrees"] else "**no**"
+        return [
+            label,
+            str(r["failure_threshold"]),
+            pct(failure_rate),
+            f"{r['window_s']:g} s",
+            _pci(r),
+            pct(r["exact"]),
+            agrees,
+        ]
+
     for group, label in (("one_key", "one key, 50/s"), ("pool", "4 keys, 50 req/s")):
-        for r in ft[group]["rows"]:
-            sim_rows.append(
-                [
-                    label,
-                    str(r["failure_threshold"]),
-                    pct(ft["failure_rate"]),
-                    f"{r['window_s']:g} s",
-                    _pci(r),
-                    pct(r["exact"]),
-                    "yes" if r["agrees"] else "**no**",
-                ]
-            )
-    for r in ft["validation"]["rows"]:
-        sim_rows.append(
-            [
-                "one key, 50/s",
-                str(r["failure_threshold"]),
-                pct(r["failure_rate"]),
-                f"{r['window_s']:g} s",
-                _pci(r),
-                pct(r["exact"]),
-                "yes" if r["agrees"] else "**no**",
-            ]
-        )
+        sim_rows += [sim_row(label, r, ft["failure_rate"]) for r in ft[group]["rows"]]
+    sim_rows += [sim_row("one key, 50/s", r, r["failure_rate"]) for r in ft["validation"]["rows"]]
     out["simulated"] = _table(
         [
             "setup",

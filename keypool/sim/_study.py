@@ -100,6 +100,20 @@ class _Runner:
         self.progress(f"{label}: {len(tasks)} runs in {time.perf_counter() - started:.1f} s")
         return results
 
+    def grouped(
+        self,
+        label: str,
+        measure: str,
+        combos: Sequence[tuple[Any, ...]],
+        params: Callable[..., dict[str, Any]],
+        seeds: range,
+    ) -> list[list[Any]]:
+        """``measure`` with ``params(*combo)`` over the same seeds for every combination: the runs
+        of each combination, in the order of ``combos``."""
+        results = self.map(label, [(measure, params(*combo), s) for combo in combos for s in seeds])
+        n = len(seeds)
+        return [results[i * n : (i + 1) * n] for i in range(len(combos))]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -276,19 +290,19 @@ def _time_to_trip(run: _Runner, plan: StudyPlan, base: int, confidence: float) -
     setups = {
         "one_key": "one key at 50 attempts/s goes dead",
         "one_of_five": "one of 5 keys sharing 50 req/s goes dead (about 10 first attempts/s reach it)",
-        "all_five": "the whole provider (5 keys, 50 req/s) goes dead; every request tries every key",
+        "all_five": "the whole provider (5 keys, 50 req/s) goes dead; a request moves on to the next "
+        "key for free while one is clean, then spends its 2 retries",
     }
     combos = [(k, setup, mode) for k in THRESHOLDS for setup in setups for mode in ("fast", "timeout")]
-    tasks = [
-        ("time_to_trip", {"k": k, "setup": setup, "mode": mode}, s)
-        for k, setup, mode in combos
-        for s in _seeds(base, plan.trip_seeds)
-    ]
-    results = run.map("time to trip", tasks)
+    grouped = run.grouped(
+        "time to trip",
+        "time_to_trip",
+        combos,
+        lambda k, setup, mode: {"k": k, "setup": setup, "mode": mode},
+        _seeds(base, plan.trip_seeds),
+    )
     rows = []
-    n = plan.trip_seeds
-    for i, (k, setup, mode) in enumerate(combos):
-        runs = results[i * n : (i + 1) * n]
+    for (k, setup, mode), runs in zip(combos, grouped, strict=True):
         delays = [d for r in runs for d in r["delays"]]
         rows.append(
             {
@@ -320,15 +334,16 @@ def _recovery(run: _Runner, plan: StudyPlan, base: int, confidence: float) -> di
         for timeout in (30.0, 60.0, 120.0)
         for s in (1, 2, 3)
     ]
-    tasks = [
-        ("recovery", {"timeout": t, "s": s, "outage": o, "p_after": MIX_FAILURE_RATE}, seed)
-        for t, s, o in combos
-        for seed in _seeds(base, plan.recovery_seeds)
-    ]
-    results = run.map("recovery", tasks)
+    grouped = run.grouped(
+        "recovery",
+        "recovery",
+        combos,
+        lambda t, s, o: {"timeout": t, "s": s, "outage": o, "p_after": MIX_FAILURE_RATE},
+        _seeds(base, plan.recovery_seeds),
+    )
     rows = []
     n = plan.recovery_seeds
-    by_combo = {combo: results[i * n : (i + 1) * n] for i, combo in enumerate(combos)}
+    by_combo = dict(zip(combos, grouped, strict=True))
     for timeout, s, outage in combos:
         runs = by_combo[(timeout, s, outage)]
         baseline = by_combo[(timeout, 2, outage)]  # the same seeds with success_threshold 2
@@ -360,16 +375,16 @@ def _recovery(run: _Runner, plan: StudyPlan, base: int, confidence: float) -> di
 def _flapping(run: _Runner, plan: StudyPlan, base: int, confidence: float) -> dict[str, Any]:
     window = plan.flap_window
     combos = [(k, p) for k in THRESHOLDS for p in FLAP_RATES]
-    tasks = [
-        ("flapping", {"k": k, "p": p, "timeout": 60.0, "s": 2, "window": window}, s)
-        for k, p in combos
-        for s in _seeds(base, plan.flap_seeds)
-    ]
-    results = run.map("transitions under i.i.d. failures", tasks)
+    seeds = _seeds(base, plan.flap_seeds)
+    grouped = run.grouped(
+        "transitions under i.i.d. failures",
+        "flapping",
+        combos,
+        lambda k, p: {"k": k, "p": p, "timeout": 60.0, "s": 2, "window": window},
+        seeds,
+    )
     rows = []
-    n = plan.flap_seeds
-    for i, (k, p) in enumerate(combos):
-        runs = results[i * n : (i + 1) * n]
+    for (k, p), runs in zip(combos, grouped, strict=True):
         seconds, transitions = renewal_cycle(rate=RATE, k=k, p=p, timeout=60.0, success_threshold=2)
         rows.append(
             {
@@ -380,39 +395,37 @@ def _flapping(run: _Runner, plan: StudyPlan, base: int, confidence: float) -> di
             }
         )
     upstream_combos = [(5, 30.0), (5, 60.0), (5, 90.0), (3, 60.0), (10, 60.0)]
-    up_tasks = [
-        ("flapping_upstream", {"k": k, "timeout": t, "down": 10.0, "up": 50.0, "window": window}, s)
-        for k, t in upstream_combos
-        for s in _seeds(base, plan.flap_seeds)
+    upstream = run.grouped(
+        "transitions under a flapping upstream",
+        "flapping_upstream",
+        upstream_combos,
+        lambda k, t: {"k": k, "timeout": t, "down": 10.0, "up": 50.0, "window": window},
+        seeds,
+    )
+    upstream_rows = [
+        {
+            "failure_threshold": k,
+            "timeout": t,
+            "per_minute": _mean([r["per_minute"] for r in runs], confidence),
+        }
+        for (k, t), runs in zip(upstream_combos, upstream, strict=True)
     ]
-    up_results = run.map("transitions under a flapping upstream", up_tasks)
-    upstream_rows = []
-    for i, (k, t) in enumerate(upstream_combos):
-        runs = up_results[i * n : (i + 1) * n]
-        upstream_rows.append(
-            {
-                "failure_threshold": k,
-                "timeout": t,
-                "per_minute": _mean([r["per_minute"] for r in runs], confidence),
-            }
-        )
     throttle_combos = [(0.01, 1.0), (0.05, 1.0), (0.05, 5.0)]
-    th_tasks = [
-        ("throttle_flapping", {"p": p, "retry_after": ra, "window": window}, s)
-        for p, ra in throttle_combos
-        for s in _seeds(base, plan.flap_seeds)
+    throttled = run.grouped(
+        "transitions under 429s",
+        "throttle_flapping",
+        throttle_combos,
+        lambda p, ra: {"p": p, "retry_after": ra, "window": window},
+        seeds,
+    )
+    throttle_rows = [
+        {
+            "share_429": p,
+            "retry_after_s": ra,
+            "per_minute": _mean([r["per_minute"] for r in runs], confidence),
+        }
+        for (p, ra), runs in zip(throttle_combos, throttled, strict=True)
     ]
-    th_results = run.map("transitions under 429s", th_tasks)
-    throttle_rows = []
-    for i, (p, ra) in enumerate(throttle_combos):
-        runs = th_results[i * n : (i + 1) * n]
-        throttle_rows.append(
-            {
-                "share_429": p,
-                "retry_after_s": ra,
-                "per_minute": _mean([r["per_minute"] for r in runs], confidence),
-            }
-        )
     return {
         "what": "breaker state transitions per minute of one key at 50 attempts/s",
         "window_s": window,
@@ -476,15 +489,15 @@ def _waste(run: _Runner, plan: StudyPlan, base: int, confidence: float) -> dict[
 
 def _half_open(run: _Runner, plan: StudyPlan, base: int, confidence: float) -> dict[str, Any]:
     combos = [(m, s, mode) for mode in ("fast", "timeout") for s in (2, 3) for m in (1, 2, 3, 5)]
-    tasks = [
-        ("half_open", {"m": m, "s": s, "mode": mode, "timeout": 60.0}, seed)
-        for m, s, mode in combos
-        for seed in _seeds(base, plan.half_open_seeds)
-    ]
-    results = run.map("half-open trials", tasks)
-    n = plan.half_open_seeds
+    grouped = run.grouped(
+        "half-open trials",
+        "half_open",
+        combos,
+        lambda m, s, mode: {"m": m, "s": s, "mode": mode, "timeout": 60.0},
+        _seeds(base, plan.half_open_seeds),
+    )
     rows = []
-    by_combo = {combo: results[i * n : (i + 1) * n] for i, combo in enumerate(combos)}
+    by_combo = dict(zip(combos, grouped, strict=True))
     for m, s, mode in combos:
         runs = by_combo[(m, s, mode)]
         per_episode = [r["trial_failures"] / r["episodes"] for r in runs if r["episodes"]]

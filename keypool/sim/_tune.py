@@ -34,7 +34,7 @@ from pydantic import Field
 from .._config import BreakerConfig, _Model
 from .._errors import ConfigError
 from .._outcome import OutcomeKind
-from ._engine import Answers, Simulation, StateChange
+from ._engine import Answers, Simulation
 from ._exact import renewal_cycle
 from ._replay import EventLogData, RecordedAnswers, median_or, request_instants
 from ._scenario import Scenario
@@ -215,12 +215,7 @@ def _measure_outage(
     outage = {"kind": "outage", "start": t0, "end": t1, "latency": workload.failure_latency}
     scenario = _one_key(workload, config, [outage], t1 + 40 * config.timeout, rate)
     sim = Simulation(scenario, seed)
-
-    def stop(run: Simulation, change: StateChange) -> None:
-        if change.new == "closed" and change.t >= t1:
-            run.stop()
-
-    sim.on_change.append(stop)
+    sim.stop_when_closed(after=t1)
     result = sim.run()
     before = [c for c in result.transitions if c.t < t0]
     trips = result.trips("key-1", after=t0)  # a false trip may have opened it already, or be probing

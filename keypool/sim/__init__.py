@@ -3,8 +3,8 @@
 :func:`simulate` runs a :class:`Scenario` (providers with their keys and breaker settings, traffic,
 fault processes) through a real :class:`~keypool.KeyPool` in virtual time, deterministically for a
 seed. :func:`run_probability` and its neighbours are the exact figures the simulator is checked
-against. ``keypool study`` (:mod:`keypool.sim.study`) and ``keypool tune``
-(:mod:`keypool.sim.tune`) are built on these. The core only: nothing here imports ``providers``.
+against. The ``keypool study`` and ``keypool tune`` commands are built on these. The core only:
+nothing here imports ``providers``.
 """
 
 from ._engine import Answers, SimResult, Simulation, StateChange, simulate

@@ -4,17 +4,19 @@ Real: a real ``openai`` client (``providers.AsyncDeepSeek``) over keypool's tran
 upstream on a loopback port. Traffic is open loop, RATE requests/s evenly spaced, each request its
 own task (so callers that find no key wait in the pool's queue, as concurrent callers do).
 Simulated: ``keypool.sim`` with the same keys, breaker and faults, fed the real run's own request
-instants and the real attempts' median latency, so that only the mechanics can differ: which
-attempts are made, when callers wait, and what trips.
+instants and latencies drawn from the real attempts' durations, so that only the mechanics can
+differ: which attempts are made, when callers wait, and what trips.
 
 1. One of 4 keys answers 503 from the start (threshold 5), 4 s: attempts wasted on it (exactly 5,
    one trip) and failed requests (0), in both.
 2. One key, 25 % i.i.d. 503s, threshold 3, timeout 0.5 s, success_threshold 1, RUNS runs of
    SECONDS s. The 503s are drawn once per run from a seeded generator and scripted into the
    upstream (``Fault.sequence``) and into the simulated key alike, so the n-th attempt meets the same
-   answer in both. What the twins cannot share is the client's backoff jitter (0.5 s, 1 s, less up
-   to a quarter, drawn at random): it decides which request a later draw lands on. So each real run
-   is compared with JITTER_SEEDS simulated twins that differ only in that jitter: trips
+   answer in both. What the twins cannot share with the real run is the client's backoff jitter
+   (0.5 s, 1 s, less up to a quarter, drawn at random) and which attempt took how long: they decide
+   which request a later draw lands on, and the real stack itself varies by a trip or two from run
+   to run on the same draws. So each real run is compared with JITTER_SEEDS simulated twins that
+   differ only in those two (latencies drawn from the real run's own attempt durations): trips
    (transitions into open after failures or a failed trial, the same definition on both sides),
    attempts and requests not served must each fall within 3 standard deviations of the twins (at
    least ±1). Over all runs: the real trips per 100 attempts against the simulator's own i.i.d.
@@ -123,15 +125,19 @@ def real_pool(keys: list[str], breaker: BreakerConfig, run: RealRun) -> KeyPool:
 
 
 class Scripted:
-    """A simulated key's answers: the n-th attempt gets the n-th scripted 503-or-200, after ``latency``."""
+    """A simulated key's answers: the n-th attempt gets the n-th scripted 503-or-200, after a
+    latency drawn from the real run's own attempt durations."""
 
-    def __init__(self, draws: list[bool], latency: float) -> None:
+    def __init__(self, draws: list[bool], latencies: list[float], rng: random.Random) -> None:
         self._draws = iter(draws)
-        self._fail = Answer(classify_status(503), latency)
-        self._ok = Answer(Outcome(OutcomeKind.SUCCESS, 200), latency)
+        self._latencies = latencies
+        self._rng = rng
+        self._fail = classify_status(503)
+        self._ok = Outcome(OutcomeKind.SUCCESS, 200)
 
     def answer(self, t: float) -> Answer:
-        return self._fail if next(self._draws, False) else self._ok
+        outcome = self._fail if next(self._draws, False) else self._ok
+        return Answer(outcome, self._rng.choice(self._latencies))
 
 
 def scenario(
@@ -181,8 +187,9 @@ async def dead_key() -> bool:
 
 
 async def flaky_run(index: int, breaker: BreakerConfig) -> tuple[RealRun, list[SimResult], int]:
-    """One real run with scripted draws; the simulated twins with the same draws and arrivals, one
-    per backoff seed (the client's backoff jitter is the one input the real run does not share)."""
+    """One real run with scripted draws; its simulated twins with the same draws and arrivals, one
+    per seed of what the real run cannot share with them: the client's backoff jitter and which
+    attempt took how long (drawn from the real attempts' durations)."""
     rng = random.Random(f"validate_sim:{index}")
     draws = [rng.random() < P_FLAKY for _ in range(int(SECONDS * RATE * 2))]
     secret = "sk-val-flaky"
@@ -193,12 +200,11 @@ async def flaky_run(index: int, breaker: BreakerConfig) -> tuple[RealRun, list[S
     with LoopbackServer(upstream) as server:
         await drive(real_pool([secret], breaker, run), server.base_url, SECONDS, run)
     attempts = upstream.counters(secret).requests
-    latency = statistics.median(run.durations)
     same = scenario(1, breaker, run.horizon, [], times=run.starts)
-    twins = [
-        Simulation(same, seed, answers={("deepseek", "key-1"): Scripted(draws, latency)}).run()
-        for seed in range(JITTER_SEEDS)
-    ]
+    twins = []
+    for seed in range(JITTER_SEEDS):
+        answers = Scripted(draws, run.durations, random.Random(f"validate_sim:{index}:{seed}"))
+        twins.append(Simulation(same, seed, answers={("deepseek", "key-1"): answers}).run())
     return run, twins, attempts
 
 
@@ -217,7 +223,7 @@ async def flaky_key() -> bool:
     print(
         f"2. one key, {P_FLAKY:.0%} i.i.d. 503s, threshold 3, timeout 0.5 s, success_threshold 1, "
         f"{RUNS} runs of {SECONDS:g} s at {RATE:g} req/s;\n   simulated: the same draws and arrivals, "
-        f"{JITTER_SEEDS} backoff seeds (mean ± sd)"
+        f"{JITTER_SEEDS} twins over backoff jitter and attempt durations (mean ± sd)"
     )
     print("   run  requests   trips real | sim     attempts real | sim    not served real | sim")
     ok = True

@@ -19,6 +19,7 @@ from ._errors import (
     UnknownKeyError,
     UnknownProviderError,
 )
+from ._eventlog import EventLog
 from ._events import (
     BackupTierChanged,
     CallRecorded,
@@ -51,6 +52,7 @@ __all__ = [
     "CircuitBreaker",
     "Clock",
     "ConfigError",
+    "EventLog",
     "Hook",
     "KeyPool",
     "KeyPoolError",

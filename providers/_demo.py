@@ -19,6 +19,7 @@ from keypool import (
     BreakerConfig,
     BreakerState,
     CallRecorded,
+    EventLog,
     KeyPool,
     KeySpec,
     KeyStateChanged,
@@ -143,12 +144,16 @@ async def run_scenario(
     *,
     on_tick: Callable[[_Live, KeyPool], None] | None = None,
     upstream: FakeUpstream | None = None,
+    event_log: EventLog | None = None,
 ) -> tuple[DemoSummary, FakeUpstream]:
-    """Drive the whole story for ``seconds`` and return the summary and the upstream's counters."""
+    """Drive the whole story for ``seconds`` and return the summary and the upstream's counters.
+
+    ``event_log`` (if given) receives every pool event, for ``keypool tune``.
+    """
     secrets = [_secret(k) for k in PRIMARY + BACKUP]
     upstream = upstream or FakeUpstream(secrets, flavor="deepseek")
     live = _Live()
-    pool = KeyPool(hooks=[live.on_event])
+    pool = KeyPool(hooks=[live.on_event, *([event_log] if event_log is not None else [])])
     pool.add_provider(
         {
             "name": "deepseek",
@@ -157,6 +162,8 @@ async def run_scenario(
             "breaker": DEMO_BREAKER,
         }
     )
+    if event_log is not None:
+        event_log.describe(pool)
     summary = live.summary
     with LoopbackServer(upstream) as server:
         client = AsyncDeepSeek(pool=pool, base_url=server.base_url, timeout=5.0)
@@ -276,13 +283,32 @@ def _print_summary(summary: DemoSummary) -> None:
     print("\n".join(lines))
 
 
-def run_demo(seconds: float = 40.0, *, quiet: bool = False) -> int:
-    """The ``keypool demo`` command. Returns 0 when no request failed."""
+def run_demo(seconds: float = 40.0, *, quiet: bool = False, event_log: str | None = None) -> int:
+    """The ``keypool demo`` command. Returns 0 when no request failed.
+
+    ``event_log``: a path to write the pool's events to as JSON lines (``keypool tune`` reads it).
+    """
     if seconds <= 0 or seconds > 600:
         print("--seconds: must be in (0, 600]")
         return 2
+    log = None
+    if event_log is not None:
+        try:
+            log = EventLog(event_log)
+        except OSError as exc:
+            print(f"--event-log: cannot write {event_log!r}: {exc.strerror or exc}")
+            return 2
+    try:
+        return _run_demo(seconds, quiet, log)
+    finally:
+        if log is not None:
+            log.close()
+            print(f"event log: {log.lines} lines in {event_log} (keypool tune {event_log})")
+
+
+def _run_demo(seconds: float, quiet: bool, log: EventLog | None) -> int:
     if quiet:
-        summary, _ = anyio.run(lambda: run_scenario(seconds))
+        summary, _ = anyio.run(lambda: run_scenario(seconds, event_log=log))
     else:
         from rich.console import Console
         from rich.live import Live
@@ -293,6 +319,6 @@ def run_demo(seconds: float = 40.0, *, quiet: bool = False) -> int:
             def tick(live: _Live, pool: KeyPool) -> None:
                 display.update(_render(live, pool, seconds))  # type: ignore[arg-type]
 
-            summary, _ = anyio.run(lambda: run_scenario(seconds, on_tick=tick))
+            summary, _ = anyio.run(lambda: run_scenario(seconds, on_tick=tick, event_log=log))
     _print_summary(summary)
     return 0 if summary.failures == 0 else 1

@@ -1,14 +1,14 @@
-"""The ``keypool`` command: ``keypool demo`` and ``keypool serve-admin``.
+"""The ``keypool`` command: ``demo``, ``serve-admin``, ``study`` and ``tune``.
 
 It lives in ``providers`` because it composes both layers: the demo drives a DeepSeek client,
-``serve-admin`` runs the core's admin API.
+``serve-admin`` runs the core's admin API, ``study`` and ``tune`` run the core's simulator.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="watch a pool ride out a simulated outage (no keys, no network)")
     demo.add_argument("--seconds", type=float, default=40.0, help="how long to drive traffic")
     demo.add_argument("--quiet", action="store_true", help="no live display, summary only")
+    demo.add_argument("--event-log", metavar="PATH", help="write the pool's events as JSON lines (for tune)")
     serve = sub.add_parser(
         "serve-admin",
         help="run the runbook's admin HTTP API for a configured pool",
@@ -44,7 +45,87 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow mutations without a token (only when bound to loopback)",
     )
+    study = sub.add_parser(
+        "study", help="the threshold study: simulated and exact figures, JSON, plots, doc tables"
+    )
+    study.add_argument("--out", default="docs/threshold-study", help="directory for the JSON and PNGs")
+    study.add_argument("--doc", default="docs/threshold-study.md", help="Markdown whose tables to regenerate")
+    study.add_argument("--no-doc", action="store_true", help="leave the Markdown alone")
+    study.add_argument("--no-plots", action="store_true", help="JSON only (no matplotlib needed)")
+    study.add_argument("--quick", action="store_true", help="few seeds: the same shape in seconds")
+    study.add_argument("--seed", type=int, default=0, help="first seed of every measurement")
+    study.add_argument("--jobs", type=int, help="worker processes (default: up to 4 CPUs)")
+    tune = sub.add_parser(
+        "tune", help="rank breaker settings for your traffic: an event log, or --rate/--keys/--failure-rate"
+    )
+    tune.add_argument(
+        "log", nargs="?", help="event log (JSON lines from keypool.EventLog / demo --event-log)"
+    )
+    tune.add_argument("--provider", help="which provider of the log (default: the busiest)")
+    tune.add_argument("--rate", type=float, help="synthetic: requests per second")
+    tune.add_argument("--keys", type=int, default=1, help="synthetic: number of keys")
+    tune.add_argument("--failure-rate", type=float, default=0.0, help="synthetic: background failure rate")
+    tune.add_argument("--latency", type=float, default=0.0, help="synthetic: seconds an answer takes")
+    tune.add_argument("--thresholds", default="3,5,7,10", help="failure_threshold candidates")
+    tune.add_argument("--timeouts", help="timeout candidates (default: 30,60,120 and the current one)")
+    tune.add_argument("--success", help="success_threshold candidates (default: the current one)")
+    tune.add_argument("--half-open", help="half_open_max_calls candidates (default: the current one)")
+    tune.add_argument("--max-false-trips", type=float, default=1.0, help="false trips per day allowed")
+    tune.add_argument("--seeds", type=int, default=12, help="simulated outages per candidate")
+    tune.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    tune.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _refusing_bad_input(command: str, run: Callable[[], int]) -> int:
+    """Run a simulator command; bad input (a ConfigError naming the field) exits 2 with its message."""
+    from keypool import ConfigError
+
+    try:
+        return run()
+    except ConfigError as exc:
+        print(f"keypool {command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from keypool.sim._commands import tune_command
+
+    return _refusing_bad_input(
+        "tune",
+        lambda: tune_command(
+            log=args.log,
+            provider=args.provider,
+            rate=args.rate,
+            keys=args.keys,
+            failure_rate=args.failure_rate,
+            latency=args.latency,
+            thresholds=args.thresholds,
+            timeouts=args.timeouts,
+            successes=args.success,
+            half_open=args.half_open,
+            budget=args.max_false_trips,
+            seeds=args.seeds,
+            as_json=args.json,
+            progress=not args.no_progress,
+        ),
+    )
+
+
+def _study(args: argparse.Namespace) -> int:
+    from keypool.sim._commands import study_command
+
+    return _refusing_bad_input(
+        "study",
+        lambda: study_command(
+            out=args.out,
+            doc=None if args.no_doc else args.doc,
+            quick=args.quick,
+            seed=args.seed,
+            jobs=args.jobs,
+            plots=not args.no_plots,
+        ),
+    )
 
 
 def _serve_admin_environment() -> str:
@@ -68,7 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import run_demo
 
-        return run_demo(seconds=args.seconds, quiet=args.quiet)
+        return run_demo(seconds=args.seconds, quiet=args.quiet, event_log=args.event_log)
+    if args.command == "study":
+        return _study(args)
+    if args.command == "tune":
+        return _tune(args)
     from keypool._serve import serve_admin
 
     return serve_admin(

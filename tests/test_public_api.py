@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import types
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 import keypool
 
 INCLUDED_DUNDERS = {"__version__"}
-PUBLIC_MODULES = {"admin", "metrics", "store", "testing"}
+PUBLIC_MODULES = {"admin", "metrics", "sim", "store", "testing"}
 
 
 def is_private(name: str) -> bool:
@@ -67,6 +68,7 @@ def test_private_modules_export_what_their_all_says() -> None:
         "_breaker",
         "_config",
         "_errors",
+        "_eventlog",
         "_events",
         "_outcome",
         "_pool",
@@ -100,3 +102,18 @@ def test_testing_module_surface() -> None:
     for name in testing.__all__:
         assert getattr(testing, name) is not None
     assert "FakeClock" in testing.__all__
+
+
+def test_event_log_is_a_public_hook() -> None:
+    assert "EventLog" in keypool.__all__
+    assert keypool.EventLog.__module__ == "keypool._eventlog"
+    hook: keypool.Hook = keypool.EventLog(io.StringIO())
+    assert callable(hook)
+
+
+def test_sim_module_surface() -> None:
+    sim = importlib.import_module("keypool.sim")
+    assert sim.__all__ == sorted(sim.__all__)
+    for name in sim.__all__:
+        assert getattr(sim, name) is not None
+    assert {"Scenario", "simulate", "run_probability"} <= set(sim.__all__)

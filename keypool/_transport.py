@@ -230,6 +230,11 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         clock = self.pool.clock
         last: httpx2.Response | BaseException | None = None
         while True:
+            if plan.pause_due:
+                pause = plan.take_pause(clock.now())
+                if pause is None:
+                    break
+                await clock.sleep(pause)
             try:
                 lease = await self.pool.acquire(
                     self.provider,
@@ -388,6 +393,11 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
         clock = self.pool.clock
         last: httpx2.Response | BaseException | None = None
         while True:
+            if plan.pause_due:
+                pause = plan.take_pause(clock.now())
+                if pause is None:
+                    break
+                clock.sleep_sync(pause)
             try:
                 lease = self.pool.acquire_sync(
                     self.provider,

@@ -143,6 +143,12 @@ async def test_a_provider_down_for_a_minute_is_served_by_the_fallback_and_gets_i
     finally:
         await rig.deepseek.close()
         await rig.perplexity.close()
+    back_at = next((t for t, p in served if t >= 60.0 and p == "deepseek"), None)
+    print(
+        f"\nDeepSeek down 60 s ({'stream' if stream else 'whole'}): {primary_attempts_in_outage} primary"
+        f" attempts over {sum(t < 60.0 for t, _ in served)} requests while down; serving again at"
+        f" t={back_at} s"
+    )
     while_down = [p for t, p in served if t < 60.0]
     assert set(while_down[1:]) == {"perplexity"}
     # Recognised as one outage: about failure_threshold failed attempts, then only trials.

@@ -150,6 +150,9 @@ class RequestPlan:
     last_kind: OutcomeKind | None = None
     backoffs: int = 0
     deadline_bound: bool = False  # the current attempt's reads end at the caller's deadline
+    connect_bound: bool = False  # the current attempt's connect ends at the caller's deadline
+    last_retry_after: float | None = None  # the Retry-After of the last throttle (None: no header)
+    wait_cap: float | None = None  # the longest the next lease may wait for a recovery (None: max_wait)
 
     def __post_init__(self) -> None:
         self.retries_left = self.settings.retries
@@ -207,14 +210,26 @@ class RequestPlan:
         self.deadline_bound = (
             left is not None and (headers is None or left <= headers) and (read is None or left <= read)
         )
+        connect = given.get("connect")
+        self.connect_bound = left is not None and (connect is None or left <= connect)
         if headers is not None:
             read = headers if read is None else min(read, headers)
         return {
-            "connect": _capped(given.get("connect"), left),
+            "connect": _capped(connect, left),
             "read": _capped(read, left),
             "write": _capped(given.get("write"), left),
             "pool": _capped(given.get("pool"), left),
         }
+
+    def at_deadline(self, detail: str) -> bool:
+        """Whether a timeout (``detail``: its exception's name) of the current attempt was the
+        caller's own deadline rather than a silent key or endpoint."""
+        return self.connect_bound if detail == "ConnectTimeout" else self.deadline_bound
+
+    def max_wait(self, provider_default: float) -> float:
+        """How long the next lease may wait for a down provider's soonest recovery."""
+        given = provider_default if self.settings.max_wait is None else self.settings.max_wait
+        return given if self.wait_cap is None else min(given, self.wait_cap)
 
     def hard_limit(self, now: float) -> float | None:
         """A cap on the whole attempt, body included: ``attempt_timeout``, never past the deadline."""
@@ -243,6 +258,7 @@ class RequestPlan:
         """
         kind = outcome.kind
         self.last_kind = kind
+        self.last_retry_after = outcome.retry_after
         if not kind.retry_elsewhere or not self.replayable:
             return False
         if self.attempts_left <= 0 or self.expired(now):
@@ -252,6 +268,12 @@ class RequestPlan:
                 return False
             self.retries_left -= 1
         return True
+
+    def _backoff(self) -> float:
+        """The openai client's delay before its next retry (0.5 s, 1 s, ... 8 s, less up to 25 %)."""
+        delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (1 - 0.25 * self.rng.random())
+        self.backoffs += 1
+        return delay
 
     def look_again(self, now: float) -> float | None:
         """No other key can serve: seconds to back off before the keys already tried are looked
@@ -263,13 +285,17 @@ class RequestPlan:
         """
         if not self.exclude or self.attempts_left <= 0 or self.last_kind is None or self.shared is not None:
             return None
+        self.wait_cap = None
         if self.last_kind is OutcomeKind.THROTTLED:
             if self.retries_left <= 0:
                 return None
             self.retries_left -= 1
         if self.last_kind is OutcomeKind.FAILURE:
-            delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (1 - 0.25 * self.rng.random())
-            self.backoffs += 1
+            delay = self._backoff()
+        elif self.last_kind is OutcomeKind.THROTTLED and self.last_retry_after is None:
+            # A 429 without Retry-After: the keys' recovery is only a guess, so the next lease waits
+            # for it no longer than the openai client's own backoff before its retry would.
+            delay, self.wait_cap = 0.0, self._backoff()
         else:
             delay = 0.0  # a throttle: the pool waits for the Retry-After if it is short enough
         left = self.remaining(now)

@@ -12,6 +12,7 @@ its attempts, and the attempts each key received (``FakeUpstream.counters``).
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -654,3 +655,105 @@ async def test_an_http_client_keeps_its_hooks_and_headers_as_for_the_plain_clien
         await pooled.close()
     assert seen["plain"] == seen["pooled"] == [("search", 200)]
     assert sum(upstream.counters(s).requests for s in KEYS.values()) == 1
+
+
+@pytest.mark.anyio
+async def test_proxies_from_the_environment_are_used_as_by_the_plain_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    upstream = FakeUpstream([KEYS["alpha"], PLAIN], flavor="deepseek")
+    proxied: list[str] = []
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        """A forward proxy: takes the absolute-form request and serves it from the upstream."""
+        if scope["type"] == "http":
+            proxied.append(scope["path"])
+            path = "/" + scope["path"].split("/", 3)[3]
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await upstream(scope, receive, send)
+
+    with refused_port() as target, LoopbackServer(proxy) as server:  # nothing answers at target
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", server.base_url)
+        plain = openai.AsyncOpenAI(api_key=PLAIN, base_url=target, max_retries=0)
+        pooled = AsyncDeepSeek(api_key=KEYS["alpha"], base_url=target, max_retries=0)
+        try:
+            assert await chat(plain) == await chat(pooled) == "hello"
+        finally:
+            await plain.close()
+            await pooled.close()
+    assert proxied == [f"{target}/chat/completions"] * 2
+    assert upstream.counters(KEYS["alpha"]).requests == upstream.counters(PLAIN).requests == 1
+
+
+@pytest.mark.anyio
+async def test_a_multipart_upload_is_retried_as_often_as_by_the_plain_client() -> None:
+    bodies: list[bytes] = []
+    answered: list[int] = []
+
+    async def files(scope: Any, receive: Any, send: Any) -> None:
+        """``POST /files``: 503 to the first two attempts of each client, then the file object."""
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        bodies.append(body)
+        status = 503 if len(bodies) % 3 else 200
+        answered.append(status)
+        payload = {
+            "id": "file-1",
+            "object": "file",
+            "bytes": 11,
+            "created_at": 0,
+            "filename": "a.txt",
+            "purpose": "assistants",
+            "status": "processed",
+        }
+        data = json.dumps(payload if status == 200 else {"error": {"message": "overloaded"}}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+
+    clock = FakeClock()
+    pool = KeyPool(clock=clock, seed=3)
+    pool.add_provider({"name": "files", "keys": [KeySpec(secret=KEYS["alpha"], key_id="alpha")]})
+    with LoopbackServer(files) as server:
+        plain = openai.AsyncOpenAI(api_key=PLAIN, base_url=server.base_url)
+        pooled = AsyncPooledOpenAI(provider="files", pool=pool, base_url=server.base_url)
+        try:
+            for client in (plain, pooled):
+                uploaded = await client.files.create(file=("a.txt", b"hello world"), purpose="assistants")
+                assert uploaded.id == "file-1"
+        finally:
+            await plain.close()
+            await pooled.close()
+    assert answered == [503, 503, 200] * 2  # three attempts each: openai's default max_retries=2
+    plain_bodies, pooled_bodies = bodies[:3], bodies[3:]
+    boundary = plain_bodies[0].split(b"\r\n", 1)[0]
+    assert all(b"hello world" in body for body in bodies)
+    assert len(set(pooled_bodies)) == 1  # sent again byte for byte
+    assert boundary.startswith(b"--")
+    assert len(clock.slept) == 2  # and after the plain client's own backoffs
+    assert sum(clock.slept) <= FIRST_BACKOFF * 3
+
+
+@pytest.mark.anyio
+async def test_the_default_limits_are_the_plain_clients_with_a_time_to_headers_limit(
+    make_pair: Callable[..., Pair],
+) -> None:
+    pair = make_pair()
+    assert await chat(pair.plain) == await chat(pair.pooled) == "hello"
+    (plain,), (pooled,) = pair.plain_wire.limits, pair.pooled_wire.limits
+    assert plain == {"connect": 5.0, "read": 600.0, "write": 600.0, "pool": 600.0}  # openai's
+    # The same connect limit (never none) and deadline; a silent key is left after 30 s, not 600.
+    assert pooled == {**plain, "read": 30.0}

@@ -100,6 +100,29 @@ def test_look_again_after_a_throttle_costs_a_retry_and_never_outlasts_the_deadli
     assert short.look_again(1000.0) is None  # a 0.5 s backoff would pass the deadline
 
 
+def test_a_throttle_without_retry_after_waits_no_longer_than_openais_backoff() -> None:
+    p = plan(keys=1, retries=2, max_attempts=5, max_wait=5.0)
+    assert p.max_wait(9.0) == 5.0  # the call's own max_wait
+    assert p.begin("a", "x")
+    assert p.retry_after(Outcome(OutcomeKind.THROTTLED, 429), 1000.0)  # no Retry-After header
+    assert p.look_again(1000.0) == 0.0
+    assert 0.375 <= p.max_wait(9.0) <= 0.5  # the keys' recovery is a guess: openai's first backoff
+    assert p.begin("a", "x")
+    assert p.retry_after(THROTTLED, 1000.0)  # this one said when: max_wait governs again
+    assert p.look_again(1000.0) == 0.0
+    assert p.max_wait(9.0) == 5.0
+    assert plan().max_wait(9.0) == 9.0  # no max_wait of its own: the provider's
+
+
+def test_only_a_connect_whose_limit_was_the_deadline_is_the_callers_timeout() -> None:
+    p = plan(total=10.0, headers_timeout=30.0)
+    p.attempt_limits(1000.0, {"connect": 0.2, "read": 10.0, "write": 10.0, "pool": 10.0})
+    assert p.at_deadline("ReadTimeout")  # a read limit of 10 s is the caller's deadline
+    assert not p.at_deadline("ConnectTimeout")  # a 0.2 s connect limit is not
+    p.attempt_limits(1009.9, {"connect": 0.2, "read": 10.0, "write": 10.0, "pool": 10.0})
+    assert p.at_deadline("ConnectTimeout")  # 0.1 s left: the connect ran into the deadline
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

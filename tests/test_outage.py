@@ -26,7 +26,7 @@ import pytest
 import keypool
 from keypool import ConfigError, KeyPool, KeySpec
 from keypool.testing import FakeClock, FakeUpstream, Fault, LoopbackServer
-from providers import AsyncDeepSeek, AsyncPooledOpenAI, NoKeyAvailableError, StreamInterruptedError
+from providers import AsyncDeepSeek, AsyncPooledOpenAI, DeepSeek, NoKeyAvailableError, StreamInterruptedError
 from tests.upstreams import Swap, messages
 
 KEYS = {
@@ -757,3 +757,51 @@ async def test_the_default_limits_are_the_plain_clients_with_a_time_to_headers_l
     assert plain == {"connect": 5.0, "read": 600.0, "write": 600.0, "pool": 600.0}  # openai's
     # The same connect limit (never none) and deadline; a silent key is left after 30 s, not 600.
     assert pooled == {**plain, "read": 30.0}
+
+
+def test_the_sync_clients_fail_alike_on_a_refused_connect_and_a_cut_stream(
+    loopback: tuple[Swap, LoopbackServer],
+) -> None:
+    swap, server = loopback
+    clock = FakeClock()
+    events: list[keypool.PoolEvent] = []
+    pool = KeyPool(clock=clock, seed=5, hooks=[events.append])
+    pool.add_provider({"name": "deepseek", "keys": [KeySpec(secret=s, key_id=k) for k, s in KEYS.items()]})
+
+    def plain_failure(client: openai.OpenAI, stream: bool) -> BaseException:
+        try:
+            if stream:
+                with client.chat.completions.create(
+                    model=MODEL, messages=messages("a b c d"), stream=True
+                ) as s:
+                    for _ in s:
+                        pass
+            else:
+                client.chat.completions.create(model=MODEL, messages=messages("x"))
+        except Exception as exc:
+            return exc
+        raise AssertionError("the call was expected to fail")
+
+    with refused_port() as url:
+        plain = openai.OpenAI(api_key=PLAIN, base_url=url, max_retries=1)
+        pooled = DeepSeek(pool=pool, base_url=url, max_retries=1)
+        plain_error, pooled_error = plain_failure(plain, False), plain_failure(pooled, False)
+        plain.close()
+        pooled.close()
+    assert isinstance(plain_error, openai.APIConnectionError)
+    same_family(pooled_error, plain_error)
+    attempts = [e for e in events if isinstance(e, keypool.CallRecorded)]
+    assert len(attempts) == 2  # as many connects as the plain client's 1 + max_retries
+
+    upstream = swap.app = FakeUpstream([*KEYS.values(), PLAIN], flavor="deepseek")
+    upstream.set_default_fault(Fault.cut_stream(2, mode="abort"))
+    plain = openai.OpenAI(api_key=PLAIN, base_url=server.base_url, max_retries=0)
+    pooled = DeepSeek(pool=pool, base_url=server.base_url, max_retries=0)
+    try:
+        plain_error, pooled_error = plain_failure(plain, True), plain_failure(pooled, True)
+    finally:
+        plain.close()
+        pooled.close()
+    assert isinstance(plain_error, openai.APIConnectionError)
+    same_family(pooled_error, plain_error)
+    assert isinstance(pooled_error, StreamInterruptedError)

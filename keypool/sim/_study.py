@@ -250,9 +250,10 @@ def _pool_false_trips(run: _Runner, plan: StudyPlan, base: int, confidence: floa
         row.update(_proportion(hits, len(firsts), exact, confidence))
         rows.append(row)
     return {
-        "setup": f"{keys} keys share {RATE:g} requests/s (Poisson) with failover; a trip of any key, or of the "
-        "provider's own breaker, counts; exact = 1 - (1 - P_key)^4 (1 - P_provider), P_key over Poisson(per-key "
-        "attempts) attempts, P_provider over Poisson(all attempts), the streams taken as independent",
+        "setup": f"{keys} keys share {RATE:g} requests/s (Poisson) with failover; a trip of any key, "
+        "or of the provider's own breaker, counts; exact = 1 - (1 - P_key)^4 (1 - P_provider), "
+        "P_key over Poisson(per-key attempts) attempts, P_provider over Poisson(all attempts), "
+        "the streams taken as independent",
         "keys": keys,
         "request_rate": RATE,
         "attempts_per_key_per_second": _r(per_key_rate),

@@ -17,8 +17,9 @@ The rules (the outcome table in ``docs/architecture.md``):
 * a throttle (429) moves on for free the first time; a second one in a row looks like the
   provider's or the account's limit and costs a retry, like the ``openai`` client's retry of a 429;
 * every attempt after one that cost a retry waits the ``openai`` client's own backoff first (0.5 s,
-  then 1 s, ... up to 8 s, less up to a quarter), so keypool never gives up later than the plain
-  client would with the same ``max_retries``;
+  then 1 s, ... up to 8 s, less a quarter to a half: never longer than the plain client sleeps),
+  so keypool never gives up later than the plain client would with the same ``max_retries``
+  (after a 429 with Retry-After the pool waits for that instant instead, within ``max_wait``);
 * a key already tried is tried again only when no other key can serve (after a throttle, once the
   pool may wait for its Retry-After: ``max_wait``);
 * with another route to go to (``request_budget(fallback=True)``, as ``UnifiedAgent`` opens),
@@ -160,6 +161,9 @@ class RequestPlan:
     pause_due: float = 0.0  # the backoff owed before the next attempt
     charged: bool = False  # the last strike has paid its retry
     deadline_bound: bool = False  # the current attempt's reads end at the caller's deadline
+    connect_bound: bool = False  # the current attempt's connect ends at the caller's deadline
+    last_retry_after: float | None = None  # the Retry-After of the last throttle (None: no header)
+    wait_cap: float | None = None  # the longest the next lease may wait for a recovery (None: max_wait)
 
     def __post_init__(self) -> None:
         self.retries_left = self.settings.retries
@@ -222,14 +226,26 @@ class RequestPlan:
             and (read is None or left <= read)
             and (cap is None or left <= cap)
         )
+        connect = given.get("connect")
+        self.connect_bound = left is not None and (connect is None or left <= connect)
         if headers is not None:
             read = headers if read is None else min(read, headers)
         return {
-            "connect": _capped(given.get("connect"), left),
+            "connect": _capped(connect, left),
             "read": _capped(read, left),
             "write": _capped(given.get("write"), left),
             "pool": _capped(given.get("pool"), left),
         }
+
+    def at_deadline(self, detail: str) -> bool:
+        """Whether a timeout (``detail``: its exception's name) of the current attempt was the
+        caller's own deadline rather than a silent key or endpoint."""
+        return self.connect_bound if detail == "ConnectTimeout" else self.deadline_bound
+
+    def max_wait(self, provider_default: float) -> float:
+        """How long the next lease may wait for a down provider's soonest recovery."""
+        given = provider_default if self.settings.max_wait is None else self.settings.max_wait
+        return given if self.wait_cap is None else min(given, self.wait_cap)
 
     def hard_limit(self, now: float) -> float | None:
         """A cap on the whole attempt, body included: ``attempt_timeout``, never past the deadline."""
@@ -258,6 +274,7 @@ class RequestPlan:
         """
         kind = outcome.kind
         self.last_kind = kind
+        self.last_retry_after = outcome.retry_after
         prior = self.strikes
         strike = kind is OutcomeKind.FAILURE or kind is OutcomeKind.THROTTLED
         self.strikes = prior + 1 if strike else 0
@@ -277,11 +294,15 @@ class RequestPlan:
                 return False
             self.retries_left -= 1
             self.charged = True
-            self.pause_due = self._backoff()
+            if kind is OutcomeKind.FAILURE or outcome.retry_after is None:
+                self.pause_due = self._backoff()  # after a Retry-After the pool waits as it says
         return True
 
     def _backoff(self) -> float:
-        delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (1 - 0.25 * self.rng.random())
+        """A delay on the openai client's schedule (0.5 s, 1 s, ... 8 s), jittered but never longer
+        than the shortest the plain client would sleep (it takes off up to a quarter; this takes off
+        a quarter to a half), so keypool never gives up later than it."""
+        delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (0.75 - 0.25 * self.rng.random())
         self.backoffs += 1
         return delay
 
@@ -304,6 +325,7 @@ class RequestPlan:
         """
         if not self.exclude or self.attempts_left <= 0 or self.last_kind is None or self.shared is not None:
             return None
+        self.wait_cap = None
         delay = 0.0
         if self.strikes and not self.charged:  # a free move found no key: reusing one costs
             if self.retries_left <= 0:
@@ -311,7 +333,13 @@ class RequestPlan:
             self.retries_left -= 1
             self.charged = True
             if self.last_kind is OutcomeKind.FAILURE:
-                delay = self._backoff()  # after a throttle the pool waits for its Retry-After
+                delay = self._backoff()
+            elif self.last_retry_after is None:
+                # A 429 without Retry-After: the keys' recovery is only a guess, so the next lease
+                # waits for it no longer than the openai client's own backoff before its retry would.
+                self.wait_cap = self._backoff()
+        elif self.last_kind is OutcomeKind.THROTTLED and self.last_retry_after is None:
+            self.wait_cap = 0.0  # the backoff is paid already: no more waiting on a guess
         left = self.remaining(now)
         if left is not None and delay >= left:
             return None

@@ -10,7 +10,7 @@ break as a clean ``openai.APIError`` that is also a ``keypool.StreamInterrupted`
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -101,7 +101,7 @@ def interrupted(error: BaseException | None) -> StreamInterrupted | None:
 
 
 @pytest.fixture
-def deepseek(loopback: tuple[Swap, LoopbackServer]) -> Iterator[tuple[FakeUpstream, str]]:
+def deepseek(loopback: tuple[Swap, LoopbackServer]) -> tuple[FakeUpstream, str]:
     swap, server = loopback
     upstream = FakeUpstream(SECRETS.values(), flavor="deepseek")
     swap.app = upstream

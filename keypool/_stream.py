@@ -85,21 +85,18 @@ class StreamCall:
         prefill = self.settings.prefill
         assert prefill is not None
         left = self.remaining()
-        given = self.timeout or {}
-        timeout = (
-            {
-                name: left if given.get(name) is None else min(given[name] or 0.0, left)
-                for name in ("connect", "read", "write", "pool")
-            }
-            if left is not None
-            else dict(given)
-        )
+        timeout = dict(self.timeout or {})
+        if left is not None:  # the continuation lives inside the call's deadline
+            for name in ("connect", "read", "write", "pool"):
+                given = timeout.get(name)
+                timeout[name] = left if given is None else min(given, left)
         mark = {
             "settings": self.settings,
             "stream": True,
             "grammar": "chat",
             "continuing": True,
             "exclude": exclude,
+            "started": self.started,  # stream_timeout counts from the call's start
         }
         return continuation_request(self.request, delivered, prefill, {EXTENSION: mark, "timeout": timeout})
 
@@ -256,7 +253,9 @@ def start_sync(
 class _Break(Exception):
     """Why a stream stopped before its answer's end, and whose fault it was."""
 
-    def __init__(self, reason: str, outcome: Outcome, continuable: bool = True, stalled: bool = False) -> None:
+    def __init__(
+        self, reason: str, outcome: Outcome, continuable: bool = True, stalled: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.outcome = outcome
@@ -267,7 +266,9 @@ class _Break(Exception):
 def _broken(exc: BaseException, idle: float | None) -> _Break:
     if isinstance(exc, TimeoutError):
         reason = f"stalled: no event for {idle} s"
-        return _Break(reason, Outcome(OutcomeKind.FAILURE, detail="ReadTimeout: stream stalled"), stalled=True)
+        return _Break(
+            reason, Outcome(OutcomeKind.FAILURE, detail="ReadTimeout: stream stalled"), stalled=True
+        )
     if isinstance(exc, httpx2.ReadTimeout):  # a sync stream's stall: the attempt's read timeout
         return _Break("stalled (ReadTimeout)", stream_outcome(exc), stalled=True)
     return _Break(f"cut ({type(exc).__name__})", stream_outcome(exc))

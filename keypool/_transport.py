@@ -147,7 +147,7 @@ class _Base:
             errors=self.errors,
             timeout=timeout,
             remaining=lambda: plan.remaining(clock.now()),
-            started=time.monotonic(),
+            started=given.get("started") or time.monotonic() if isinstance(given, dict) else time.monotonic(),
             continuing=isinstance(given, dict) and bool(given.get("continuing")),
         )
 

@@ -210,12 +210,13 @@ def _scannable(response: httpx2.Response, kind: type) -> bool:
     return isinstance(stream, kind) and "text/event-stream" in response.headers.get("content-type", "")
 
 
-def _cap_reads(request: httpx2.Request, settings: CallSettings) -> None:
-    """A sync LLM stream has no timer of its own: the attempt's read timeout is its stall limit
-    (and, before content, no longer than the time to the first token)."""
+def _cap_reads(request: httpx2.Request, settings: CallSettings, *, sync: bool) -> None:
+    """An LLM stream's stall limit is the attempt's read timeout (``httpx2``'s timer costs nothing
+    per chunk). A sync stream has no timer for its first token either: its reads are no longer."""
     limits = dict(request.extensions.get("timeout") or {})
     read = limits.get("read")
-    for cap in (settings.idle_limit(True), settings.first_token_timeout):
+    caps = (settings.idle_limit(True), settings.first_token_timeout) if sync else (settings.idle_limit(True),)
+    for cap in caps:
         if cap is not None:
             read = cap if read is None else min(read, cap)
     limits["read"] = read
@@ -296,6 +297,8 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
                 if last is None:
                     raise self._out_of_attempts(request)
                 break
+            if call is not None:
+                _cap_reads(request, plan.settings, sync=False)
             hard = plan.hard_limit(clock.now())
             sent = time.monotonic()
             try:
@@ -462,7 +465,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
                     raise self._out_of_attempts(request)
                 break
             if call is not None:
-                _cap_reads(request, plan.settings)
+                _cap_reads(request, plan.settings, sync=True)
             sent = time.monotonic()
             try:
                 response = self.inner.handle_request(request)

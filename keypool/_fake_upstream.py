@@ -60,6 +60,7 @@ FaultKind: TypeAlias = Literal[
     "keep_alive_cut",
     "keep_alive",
     "malformed",
+    "error_event",
     "rejects_prefill",
     "flaky",
     "sequence",
@@ -80,11 +81,16 @@ _SIMPLE_KINDS: Final = frozenset(
         "keep_alive_cut",
         "keep_alive",
         "malformed",
+        "error_event",
         "rejects_prefill",
     }
 )
 _KEEP_ALIVE: Final = b": keep-alive\n\n"
 _MALFORMED: Final = b'data: {"choices": [{"index": 0, "delta": {"content": "half' + b"\n\n"
+_ERROR_EVENT: Final = (
+    b'data: {"error": {"message": "The server had an error while processing your request.", '
+    b'"type": "server_error", "param": null, "code": "server_error"}}\n\n'
+)
 _NAMED_STATUS: Final = {401: "rejected", 402: "exhausted", 403: "forbidden"}
 
 
@@ -220,6 +226,12 @@ class Fault:
         return cls(kind="malformed", after_chunks=at)
 
     @classmethod
+    def error_event(cls, at: int = 2) -> Fault:
+        """A stream that sends an in-band error event (a server error) as its event number ``at``
+        (0 is the role chunk), then ends cleanly without ``[DONE]``."""
+        return cls(kind="error_event", after_chunks=at)
+
+    @classmethod
     def rejects_prefill(cls) -> Fault:
         """400 to a chat request that ends with an assistant message (a prefill); others are
         answered normally. Without this fault every key continues a prefill."""
@@ -259,6 +271,8 @@ class Fault:
             return f"Fault.keep_alive({self.delay!r}, interval={self.retry_after!r})"
         if kind == "malformed":
             return f"Fault.malformed_event(at={self.after_chunks})"
+        if kind == "error_event":
+            return f"Fault.error_event(at={self.after_chunks})"
         if kind == "flaky":
             return f"Fault.flaky({self.probability!r}, {self.inner!r}, seed={self.seed!r})"
         if kind == "sequence":
@@ -268,7 +282,9 @@ class Fault:
 
 
 _OK: Final = Fault()
-_STREAM_FAULTS: Final = frozenset({"cut_stream", "stall", "keep_alive_cut", "keep_alive", "malformed"})
+_STREAM_FAULTS: Final = frozenset(
+    {"cut_stream", "stall", "keep_alive_cut", "keep_alive", "malformed", "error_event"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -844,6 +860,9 @@ class FakeUpstream:
             at = breaking.after_chunks
             events = [*events[:at], _MALFORMED, *events[at:]]
             breaking = None
+        elif breaking is not None and kind == "error_event":
+            breaking = Fault.cut_stream(breaking.after_chunks + 1, mode="truncate")
+            events = [*events[: breaking.after_chunks - 1], _ERROR_EVENT]
         limit = breaking.after_chunks if breaking is not None else len(events)
         for event in events[:limit]:
             await ex.body(event, more=True)

@@ -21,9 +21,18 @@ import httpx2
 import openai
 import pytest
 
-from keypool import KeyPool, KeySpec, StreamInterrupted
-from keypool._continuation import Splice, continuation_body, continuation_path
-from keypool._sse import EventScanner, grammar_of
+from keypool import (
+    CallSettings,
+    ConfigError,
+    EventScanner,
+    KeyPool,
+    KeySpec,
+    Splice,
+    StreamInterrupted,
+    continuation_body,
+    continuation_path,
+    grammar_of,
+)
 from keypool.testing import FakeClock, FakeUpstream, Fault, LoopbackServer
 from providers import AsyncDeepSeek, AsyncPerplexity, AsyncPooledOpenAI, DeepSeek
 from tests.upstreams import Swap, messages
@@ -228,6 +237,31 @@ async def test_the_generic_client_continues_only_when_asked(loopback: tuple[Swap
         assert (on.text, on.error) == (CANONICAL, None)
 
 
+@pytest.mark.anyio
+async def test_an_in_band_error_after_content_is_continued(
+    deepseek: tuple[FakeUpstream, str], client: AsyncDeepSeek
+) -> None:
+    upstream, _ = deepseek
+    first_key_gets(upstream, Fault.error_event(at=4))
+    got = await read_async(client)
+    assert (got.text, got.error) == (CANONICAL, None)
+    assert upstream.counters(SECRETS["bravo"]).prefills == 1
+    assert client.pool.key_stats("alpha", "deepseek")["total_failures"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_total_stream_limit_is_the_callers_own(deepseek: tuple[FakeUpstream, str]) -> None:
+    upstream, url = deepseek
+    upstream.set_default_fault(Fault.stall_after_tokens(3))
+    async with AsyncDeepSeek(pool=make_pool(), base_url=url, stream_timeout=0.3) as ds:
+        got = await read_async(ds)
+        assert isinstance(got.error, openai.APITimeoutError), repr(got.error)
+        assert "stream_timeout (0.3 s) reached" in str(got.error)
+        assert "the caller's own limit" in str(got.error)
+        assert upstream.total_requests() == 1  # not continued
+        assert totals(ds.pool) == (0, 0)  # and no key is blamed
+
+
 # ------------------------------------------------------------------ before the first content
 
 
@@ -242,6 +276,18 @@ async def test_keep_alives_then_a_cut_fail_over_invisibly(
     assert upstream.total_requests() == 2
     assert sum(upstream.counters(s).prefills for s in SECRETS.values()) == 0  # a plain retry
     assert totals(client.pool) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_an_in_band_error_before_content_fails_over_invisibly(
+    deepseek: tuple[FakeUpstream, str], client: AsyncDeepSeek
+) -> None:
+    upstream, _ = deepseek
+    first_key_gets(upstream, Fault.error_event(at=1))
+    got = await read_async(client)
+    assert (got.text, got.error) == (CANONICAL, None)
+    assert upstream.total_requests() == 2
+    assert sum(upstream.counters(s).prefills for s in SECRETS.values()) == 0
 
 
 @pytest.mark.anyio
@@ -311,6 +357,30 @@ async def test_sync_client_continues_the_same_way(deepseek: tuple[FakeUpstream, 
         assert isinstance(bad.error, openai.APIError)
         assert interrupted(bad.error) is not None
         assert "refused (HTTP 400)" in str(bad.error)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", [Fault.keep_alive_then_cut(3), Fault.keep_alive(30.0, interval=0.02)])
+async def test_sync_client_fails_over_before_content(
+    deepseek: tuple[FakeUpstream, str], fault: Fault
+) -> None:
+    upstream, url = deepseek
+    first_key_gets(upstream, fault)
+    with DeepSeek(pool=make_pool(), base_url=url, first_token_timeout=0.3) as ds:
+        got = await anyio.to_thread.run_sync(partial(read_sync, ds))
+        assert (got.text, got.error) == (CANONICAL, None)
+        assert upstream.counters(SECRETS["alpha"]).requests == 1
+        assert totals(ds.pool) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_sync_client_takes_an_end_without_done(deepseek: tuple[FakeUpstream, str]) -> None:
+    upstream, url = deepseek
+    upstream.set_default_fault(Fault.no_done())
+    with DeepSeek(pool=make_pool(), base_url=url) as ds:
+        got = await anyio.to_thread.run_sync(partial(read_sync, ds))
+        assert (got.text, got.error, got.finish) == (CANONICAL, None, "stop")
+        assert totals(ds.pool) == (1, 0)
 
 
 @pytest.mark.anyio
@@ -413,6 +483,28 @@ def test_scanner_reads_crlf_and_multi_line_events() -> None:
     assert scanner.progress
     scanner.feed(b'event: response.completed\ndata: {"type": "response.completed"}\n\n')
     assert scanner.finished
+
+
+def test_a_tool_call_or_reasoning_is_not_continuable() -> None:
+    tool = EventScanner("chat")
+    tool.feed(
+        b'data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f"}}]}}]}\n\n'
+    )
+    assert tool.progress
+    assert not tool.continuable
+    thinking = EventScanner("chat")
+    thinking.feed(b'data: {"choices": [{"delta": {"reasoning_content": "Hm"}}]}\n\n')
+    assert thinking.progress
+    assert not thinking.continuable
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("first_token_timeout", 0), ("stream_timeout", -1.0), ("max_continuations", -1), ("prefill", "maybe")],
+)
+def test_stream_settings_are_checked(name: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=name):
+        CallSettings().merged({name: value})
 
 
 def test_continuation_pieces_for_a_multi_route_caller() -> None:

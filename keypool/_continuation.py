@@ -21,6 +21,11 @@ clients use:
 2. :func:`continuation_body` (and :func:`continuation_path`) for the route that continues;
 3. :class:`Splice` as the scanner's ``rewrite`` (``scanner.restart(Splice.of(scanner))``) while the
    continuation's chunks are fed to the same scanner, whose output goes to the caller.
+
+A caller that holds SDK objects rather than bytes asks the route's pooled client instead:
+``client.continuation(create_kwargs, delivered)`` gives the client (DeepSeek's on its beta API)
+and the ``chat.completions.create`` arguments that continue the answer, and ``Splice(id, model,
+created).chunk(chunk)`` rewrites each chunk object of the continuation into the original answer.
 """
 
 from __future__ import annotations
@@ -49,8 +54,13 @@ def continuation_body(body: Mapping[str, Any], delivered: str, prefill: Prefill)
     """The chat request that continues ``delivered``: ``body``'s conversation plus the delivered
     text as the trailing assistant message, in the route's ``prefill`` style."""
     messages = body.get("messages")
-    if not isinstance(messages, list):
+    if not isinstance(messages, list | tuple) or not messages:
         raise ValueError("a continuation needs the chat request's 'messages'")
+    messages = list(messages)
+    last = messages[-1]
+    if isinstance(last, Mapping) and last.get("role") == "assistant":  # already a prefill: extend it
+        delivered = f"{last.get('content') or ''}{delivered}"
+        messages.pop()
     message: dict[str, Any] = {"role": "assistant", "content": delivered}
     if prefill == "deepseek":
         message["prefix"] = True
@@ -102,6 +112,19 @@ class Splice:
     @classmethod
     def of(cls, scanner: EventScanner) -> Splice:
         return cls(scanner.id, scanner.model, scanner.created)
+
+    def chunk(self, chunk: Any) -> Any:
+        """The same for an SDK chunk object (``openai``'s ``ChatCompletionChunk``), in place."""
+        if self.id is not None:
+            chunk.id = self.id
+        if self.model is not None:
+            chunk.model = self.model
+        if self.created is not None:
+            chunk.created = self.created
+        for choice in getattr(chunk, "choices", None) or ():
+            if getattr(choice.delta, "role", None) is not None:
+                choice.delta.role = None
+        return chunk
 
     def __call__(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         if self.id is not None and "id" in payload:

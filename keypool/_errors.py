@@ -8,7 +8,7 @@ Every error a caller can see derives from :class:`KeyPoolError`, so one ``except
     ├── UnknownKeyError          (also LookupError)   names the key ids that exist
     ├── NoKeyAvailable                                no key can take the call before the deadline
     │   └── LoadShed                                  refused on purpose to protect critical traffic
-    └── StreamInterrupted                             a stream broke after bytes reached the caller
+    └── StreamInterrupted                             a stream broke and could not be finished
 
 Messages never contain a key's secret: keys are named by their ``key_id`` only.
 """
@@ -143,7 +143,4 @@ class StreamInterrupted(KeyPoolError):
         self.reason = reason
         self.delivered = delivered  # characters of content the caller had (None: not counted)
         self.stalled = stalled  # the stream went silent rather than broke
-        super().__init__(
-            f"stream from provider {provider!r} (key {key_id!r}) broke after data was "
-            f"delivered: {reason}; {outcome}"
-        )
+        super().__init__(f"stream from provider {provider!r} (key {key_id!r}) broke: {reason}; {outcome}")

@@ -125,7 +125,8 @@ def _before_content(call: StreamCall, scanner: EventScanner, lease: Lease, ended
 
 
 def _late(call: StreamCall, limit: float | None) -> RetryableStart:
-    late = httpx2.ReadTimeout(f"no content within {_FIRST_TOKEN} ({limit:.3g} s)", request=call.request)
+    waited = f" ({limit:.3g} s)" if limit is not None else ""
+    late = httpx2.ReadTimeout(f"no content within {_FIRST_TOKEN}{waited}", request=call.request)
     return RetryableStart(Outcome(OutcomeKind.FAILURE, detail=f"ReadTimeout: {_FIRST_TOKEN}"), late)
 
 

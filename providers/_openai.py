@@ -47,6 +47,7 @@ from keypool import (
     SyncKeyPoolTransport,
 )
 from keypool._config import keys_from
+from keypool._continuation import continuation_body, continuation_path
 from keypool._policy import EXTENSION
 from keypool._sse import grammar_of
 
@@ -144,6 +145,26 @@ class _PooledSettings:
             "http_client": http,
             "max_retries": retries,
         }
+
+    def continuation(self, request: Mapping[str, Any], delivered: str) -> tuple[Any, dict[str, Any]]:
+        """How this route continues an answer broken elsewhere: the client to call (a copy on
+        DeepSeek's beta API for its prefix completion) and the ``chat.completions.create``
+        arguments, ``request``'s with ``delivered`` as the assistant prefill. Splice the chunks
+        with :class:`keypool.Splice` (``.chunk``). ConfigError if the route takes no prefill."""
+        prefill = self.keypool_settings.prefill
+        if prefill is None:
+            raise ConfigError(
+                f"prefill: provider {self.provider!r} takes none here, so it cannot continue an answer; "
+                "allowed: 'deepseek', 'assistant'"
+            )
+        kwargs = continuation_body(request, delivered, prefill)
+        client: Any = self
+        url: httpx2.URL = self.base_url  # type: ignore[attr-defined]
+        path = continuation_path(f"{url.path.rstrip('/')}/chat/completions", prefill)
+        beta = path.removesuffix("/chat/completions") + "/"
+        if beta != url.path:
+            client = self.with_options(base_url=url.copy_with(path=beta))  # type: ignore[attr-defined]
+        return client, kwargs
 
     def _make_transport(self, inner: Any, sync: bool, *, close_inner: bool = True) -> Any:
         kind = SyncKeyPoolTransport if sync else KeyPoolTransport

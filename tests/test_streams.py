@@ -537,3 +537,50 @@ def test_continuation_pieces_for_a_multi_route_caller() -> None:
 
 
 _: Callable[..., Any] = read_sync
+
+
+@pytest.mark.anyio
+async def test_a_multi_route_caller_continues_on_another_route(loopback: tuple[Swap, LoopbackServer]) -> None:
+    """Route A (no prefill) breaks after content; the caller finishes the answer on route B
+    (DeepSeek) with ``client.continuation`` and ``Splice.chunk``: one answer, one id."""
+    swap, server = loopback
+    broken = FakeUpstream(SECRETS.values())
+    broken.set_default_fault(Fault.cut_after_tokens(4))
+    swap.app = broken
+    deep = FakeUpstream(SECRETS.values(), flavor="deepseek")
+    request = {"model": "deepseek-chat", "messages": messages(CANONICAL)}
+    chunks: list[Any] = []
+
+    async def read_a(a: AsyncPooledOpenAI) -> None:
+        async with await a.chat.completions.create(**request, stream=True) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+
+    async with AsyncPooledOpenAI(pool=make_pool("openai"), provider="openai", base_url=server.base_url) as a:
+        with pytest.raises(StreamInterrupted) as caught:
+            await read_a(a)
+    delivered = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert caught.value.delivered == len(delivered)
+    with LoopbackServer(deep) as other:
+        async with AsyncDeepSeek(pool=make_pool(), base_url=other.base_url) as b:
+            client, kwargs = b.continuation(request, delivered)
+            splice = Splice(chunks[0].id, chunks[0].model, chunks[0].created)
+            async with await client.chat.completions.create(**kwargs, stream=True) as rest:
+                async for chunk in rest:
+                    chunks.append(splice.chunk(chunk))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == CANONICAL
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert sum(c.choices[0].delta.role is not None for c in chunks if c.choices) == 1
+    assert deep.counters(SECRETS["alpha"]).prefills + deep.counters(SECRETS["bravo"]).prefills == 1
+
+
+def test_a_route_without_prefill_says_so() -> None:
+    client = AsyncPooledOpenAI(api_key="sk-x", base_url="http://127.0.0.1:9/v1", provider="openai")
+    with pytest.raises(ConfigError, match="prefill"):
+        client.continuation({"model": "m", "messages": messages("hi")}, "he")
+    opted, kwargs = client.with_options(prefill="assistant").continuation(
+        {"model": "m", "messages": messages("hi")}, "he"
+    )
+    assert kwargs["messages"][-1] == {"role": "assistant", "content": "he"}
+    assert str(opted.base_url) == "http://127.0.0.1:9/v1/"

@@ -374,6 +374,22 @@ async def test_sync_client_fails_over_before_content(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.stall_after_tokens(4), Fault.malformed_event(at=5), Fault.error_event(at=5)],
+    ids=["stall", "malformed", "error-event"],
+)
+async def test_sync_client_finishes_a_broken_answer(deepseek: tuple[FakeUpstream, str], fault: Fault) -> None:
+    upstream, url = deepseek
+    first_key_gets(upstream, fault)
+    with DeepSeek(pool=make_pool(), base_url=url, stream_idle_timeout=IDLE) as ds:
+        got = await anyio.to_thread.run_sync(partial(read_sync, ds))
+        assert (got.text, got.error) == (CANONICAL, None)
+        assert len(got.ids) == 1
+        assert upstream.counters(SECRETS["bravo"]).prefills == 1
+
+
+@pytest.mark.anyio
 async def test_sync_client_takes_an_end_without_done(deepseek: tuple[FakeUpstream, str]) -> None:
     upstream, url = deepseek
     upstream.set_default_fault(Fault.no_done())

@@ -40,8 +40,8 @@ __all__ = ["EXTENSION", "CallSettings", "RequestPlan", "deadline_of"]
 EXTENSION = "keypool"
 
 _STREAM_HEADERS_TIMEOUT = 30.0  # every OpenAI-compatible server sends a stream's headers at once
-# An LLM stream that has shown content and then sends no event for this long has stalled: tokens
-# come many times a second, and the servers' keep-alives come while a request waits, not after.
+# An LLM stream silent for this long has stalled: tokens come many times a second, and servers
+# that keep a waiting request alive send keep-alives every few seconds.
 _LLM_STREAM_IDLE = 30.0
 # Long enough for a long prompt's prefill on a busy server; short enough that a request queued
 # behind others (DeepSeek streams keep-alives for up to 10 minutes) moves to another key.
@@ -68,9 +68,9 @@ class CallSettings:
 
     Streams: ``first_token_timeout``: the longest an attempt may take to show its first content,
     reasoning or tool-call delta (keep-alives do not count) before the call moves to another key,
-    invisibly to the caller. ``stream_idle_timeout``: the longest gap between two events once
-    content flows (a stall); ``"auto"`` is 30 s for LLM streams (chat, completions, Responses)
-    and none for other streams. ``stream_timeout``: a cap on a whole stream, from the call's start
+    invisibly to the caller. ``stream_idle_timeout``: the longest silence inside a stream (a
+    stall; for LLM streams every read of an attempt is no longer, keep-alives included);
+    ``"auto"`` is 30 s for LLM streams (chat, completions, Responses) and none for other streams. ``stream_timeout``: a cap on a whole stream, from the call's start
     (none unless set). ``max_continuations``: how often a chat answer whose stream broke after
     content is continued elsewhere, when the route can take a ``prefill`` (``"deepseek"``,
     ``"assistant"``, or ``None``: no continuation); see :mod:`keypool._continuation`.

@@ -8,7 +8,7 @@ stream) is read event by event through an :class:`~keypool._sse.EventScanner`:
   another key (:class:`~keypool._body.RetryableStart`);
 * after it, only whole, well-formed events are passed on. The end after a ``finish_reason`` is a
   success with or without ``[DONE]``; an end without one is a cut; ``stream_idle_timeout``
-  bounds the gap between events, ``stream_timeout`` (if set) the whole stream;
+  bounds each silence (as the attempt's read timeout), ``stream_timeout`` (if set) the stream;
 * a break after content is *continued* when the answer can be (plain content, the route takes a
   prefill, continuations and deadline left): see :mod:`keypool._continuation`. Otherwise the
   caller gets the break as a clean error (the client's error map of

@@ -207,6 +207,31 @@ async def test_continuations_are_bounded(deepseek: tuple[FakeUpstream, str], cli
 
 
 @pytest.mark.anyio
+async def test_no_continuation_past_the_deadline(deepseek: tuple[FakeUpstream, str]) -> None:
+    upstream, url = deepseek
+    first_key_gets(upstream, Fault.stall_after_tokens(3))
+    pool = make_pool()
+    clock = pool.clock
+    assert isinstance(clock, FakeClock)
+    async with AsyncDeepSeek(pool=pool, base_url=url, stream_idle_timeout=IDLE, timeout=60.0) as ds:
+        seen = Seen()
+        stream = await ds.chat.completions.create(
+            model="deepseek-chat", messages=messages(CANONICAL), stream=True
+        )
+        clock.advance(61.0)  # the call's deadline passes while the answer streams
+        with pytest.raises(StreamInterrupted) as caught:
+            await consume(stream, seen)
+    assert "the call's deadline has passed" in str(caught.value)
+    assert upstream.counters(SECRETS["bravo"]).requests == 0
+
+
+async def consume(stream: Any, seen: Seen) -> None:
+    async with stream:
+        async for chunk in stream:
+            seen.take(chunk)
+
+
+@pytest.mark.anyio
 async def test_no_continuation_without_prefill_is_a_clean_error(
     loopback: tuple[Swap, LoopbackServer],
 ) -> None:

@@ -70,8 +70,9 @@ class CallSettings:
     reasoning or tool-call delta (keep-alives do not count) before the call moves to another key,
     invisibly to the caller. ``stream_idle_timeout``: the longest silence inside a stream (a
     stall; for LLM streams every read of an attempt is no longer, keep-alives included);
-    ``"auto"`` is 30 s for LLM streams (chat, completions, Responses) and none for other streams. ``stream_timeout``: a cap on a whole stream, from the call's start
-    (none unless set). ``max_continuations``: how often a chat answer whose stream broke after
+    ``"auto"`` is 30 s for LLM streams (chat, completions, Responses) and none for other streams.
+    ``stream_timeout``: a cap on a whole stream, from the call's start (none unless set).
+    ``max_continuations``: how often a chat answer whose stream broke after
     content is continued elsewhere, when the route can take a ``prefill`` (``"deepseek"``,
     ``"assistant"``, or ``None``: no continuation); see :mod:`keypool._continuation`.
     """

@@ -212,10 +212,11 @@ def test_client_disconnect_mid_stream_frees_the_lease(gw: Running) -> None:
     body = {"model": "chat", "messages": MESSAGES, "stream": True}
     with raw(gw) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
-        first = next(response.iter_raw())
+        chunks = response.iter_raw()  # held: a dropped iterator would close the response at once
+        first = next(chunks)
         assert first.startswith(b"data: ")
         assert response.headers["x-keypool-provider"] == "alpha", dict(response.headers)
-        assert gw.in_flight() == 1, [(k["key_id"], k["in_flight"], k["state"]) for k in gw.pool.stats()]
+        assert gw.in_flight() == 1
     # The caller went away: the gateway cancels the upstream attempt and releases its key.
     assert _wait_until(lambda: gw.in_flight() == 0)
     stats = {k["key_id"]: k for k in gw.pool.stats("alpha")}
@@ -246,8 +247,12 @@ def test_health_admin_and_metrics_on_the_same_port(gw: Running) -> None:
             "/api/v1/circuit-breaker/config", json=patch, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
         )
         assert changed.status_code == 200
-        assert http.get("/metrics").status_code == 200
-        assert_clean(http.get("/metrics").text)
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200
+        assert 'keypool_gateway_requests_total{caller="ops",model="chat",status="200"}' in metrics.text
+        assert 'keypool_gateway_shed_total{priority="low"}' in metrics.text
+        assert "circuit_breaker_state" in metrics.text
+        assert_clean(metrics.text)
 
 
 def test_access_log_names_callers_not_keys(gw: Running, caplog: pytest.LogCaptureFixture) -> None:

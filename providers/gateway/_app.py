@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import anyio
@@ -28,6 +28,7 @@ from ._body import BadBody, RequestBody, parse_body
 from ._callers import Caller, CallerKeys
 from ._config import GatewayConfig, ModelRoutes, Route
 from ._errors import GatewayError, unauthorized
+from ._metrics import GatewayCounts
 from ._routing import Answer, Router
 from ._shedding import Shedder
 
@@ -74,6 +75,12 @@ class _Entry:
     ms: float = 0.0
     error: str | None = None
 
+    def fields(self) -> dict[str, Any]:
+        return {name: value for name in _ENTRY_FIELDS if (value := getattr(self, name)) is not None}
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(_Entry))
+
 
 class Gateway:
     """The ASGI app of ``keypool serve`` (see the module docstring).
@@ -116,6 +123,7 @@ class Gateway:
             )
         self.router = Router(pool, self.clients, config.models, s)
         self.shedder = Shedder(pool, s.shed_low_below, s.shed_normal_below)
+        self.counts = GatewayCounts(config.models)
 
     async def aclose(self) -> None:
         for client in self.clients.values():
@@ -168,8 +176,9 @@ class Gateway:
             entry.status = 499
         finally:
             entry.ms = round((time.perf_counter() - started) * 1000, 3)
+            self.counts.count(entry.caller, entry.model, entry.status)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(json.dumps({k: v for k, v in asdict(entry).items() if v is not None}))
+                access_log.info(json.dumps(entry.fields()))
 
     async def _dispatch(
         self,

@@ -79,15 +79,15 @@ def build_gateway(
     """The gateway app and the admin app (mounted on it when ``mount_admin``)."""
     from keypool.admin import create_app
 
+    from ._metrics import register
+
     pool = KeyPool(config.pool, store=store)
+    registry = registry if registry is not None else _process_registry()
     admin = create_app(
-        pool,
-        token=token,
-        protect_reads=protect_reads,
-        allow_no_token=allow_no_token,
-        registry=registry if registry is not None else _process_registry(),
+        pool, token=token, protect_reads=protect_reads, allow_no_token=allow_no_token, registry=registry
     )
     gateway = Gateway(config, pool, admin=admin if mount_admin else None, transports=transports)
+    register(registry, gateway.counts, gateway.shedder)
     return gateway, admin
 
 

@@ -6,9 +6,17 @@ the same as with the default cost.
 
 from __future__ import annotations
 
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -127,3 +135,60 @@ def running_gateway(
         app, _ = build_gateway(config, token=ADMIN_TOKEN, allow_no_token=False, transports=transports)
         with LoopbackServer(app) as server:
             yield Running(app, server, alpha, beta, recorder)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Served:
+    """A ``keypool serve`` process; ``url`` once it says where it serves."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "providers.cli", "serve", "--port", "0", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        assert self.process.stderr is not None
+        stream = self.process.stderr
+        threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+        deadline = time.monotonic() + 30
+        seen = self.lines
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            seen.append(line)
+            found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+            if "serving" in line and found:
+                self.url = found.group(1)
+                admin = re.search(r"admin on (http://127\.0\.0\.1:\d+)", line)
+                self.admin_url = admin.group(1) if admin else self.url
+                if "--config" not in args:
+                    # the embedded demo prints two more lines: its upstream, the caller key
+                    for _ in range(2):
+                        self.lines.append(lines.get(timeout=10))
+                return
+        self.stop()
+        raise AssertionError(f"keypool serve did not start: {''.join(seen)}")
+
+    def stop(self) -> int:
+        """Stop it (SIGTERM: a graceful shutdown) and return its exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return self.process.returncode

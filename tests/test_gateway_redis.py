@@ -4,11 +4,8 @@ the other, and a config ``PATCH`` through one applies to both; ``--workers 2`` s
 from __future__ import annotations
 
 import os
-import queue
-import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 
 from keypool.testing import FakeUpstream, Fault, LoopbackServer
 from providers.gateway import hash_caller_key
+from tests.gateway_fixtures import Served
 from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.slow
@@ -68,52 +66,6 @@ key_hash = "{hash_caller_key(CALLER, n=2**10)}"
     return path
 
 
-class Served:
-    """A ``keypool serve`` process; ``url`` once it says where it serves."""
-
-    def __init__(self, config: Path, redis_url: str, *extra: str) -> None:
-        env = {**os.environ, "KEYPOOL_REDIS_URL": redis_url, "KEYPOOL_ADMIN_TOKEN": TOKEN}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "providers.cli", "serve", "--config", str(config), "--port", "0", *extra],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.process.stderr is not None
-        stream = self.process.stderr
-        threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
-        deadline = time.monotonic() + 30
-        seen = []
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            seen.append(line)
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-            if "serving" in line and found:
-                self.url = found.group(1)
-                return
-        self.stop()
-        raise AssertionError(f"keypool serve did not start: {''.join(seen)}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-
-
 def _until(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -132,8 +84,9 @@ def test_two_gateways_share_breakers_and_config(
 ) -> None:
     fake, base_url = upstream
     config = _config(tmp_path, base_url)
-    a = Served(config, redis_server.url)
-    b = Served(config, redis_server.url)
+    env = {"KEYPOOL_REDIS_URL": redis_server.url, "KEYPOOL_ADMIN_TOKEN": TOKEN}
+    a = Served("--config", str(config), env=env)
+    b = Served("--config", str(config), env=env)
     try:
         with httpx2.Client(timeout=15) as http:
             fake.set_fault(SECRETS[0], Fault.status(503))
@@ -166,7 +119,8 @@ def test_two_gateways_share_breakers_and_config(
 def test_workers_share_one_port(
     redis_server: RedisServer, upstream: tuple[FakeUpstream, str], tmp_path: Path
 ) -> None:
-    served = Served(_config(tmp_path, upstream[1]), redis_server.url, "--workers", "2")
+    env = {"KEYPOOL_REDIS_URL": redis_server.url, "KEYPOOL_ADMIN_TOKEN": TOKEN}
+    served = Served("--config", str(_config(tmp_path, upstream[1])), "--workers", "2", env=env)
     try:
         with httpx2.Client(timeout=15) as http:
             assert _until(lambda: http.get(f"{served.url}/healthz").status_code == 200)

@@ -85,12 +85,14 @@ class Recorder:
     def __init__(self, app: FakeUpstream) -> None:
         self.app = app
         self.last_body = b""
+        self.last_headers: dict[str, str] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         parts: list[bytes] = []
+        self.last_headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
 
         async def tapped() -> Any:
             message = await receive()

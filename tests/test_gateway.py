@@ -77,6 +77,8 @@ def test_chat_answers_with_the_route_that_served(gw: Running) -> None:
     assert response.headers["x-keypool-attempts"] == "1"
     assert response.headers["x-keypool-model"] == "gpt-4o-mini"
     assert response.headers["x-request-id"] == "req-given-1"
+    assert gw.alpha_bodies.last_headers["x-request-id"] == "req-given-1"  # propagated upstream
+    assert gw.alpha_bodies.last_headers["authorization"].startswith("Bearer sk-a-")  # the pool's key
 
 
 def test_chat_stream(gw: Running) -> None:
@@ -143,6 +145,15 @@ def test_failover_to_the_next_route_before_any_byte(gw: Running) -> None:
     assert int(response.headers["x-keypool-attempts"]) >= 2
     stream = client(gw).chat.completions.create(model="chat", messages=MESSAGES, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == MESSAGES[0]["content"]
+
+
+def test_a_down_provider_goes_to_the_back_of_the_line(gw: Running) -> None:
+    gw.pool.trip("alpha")
+    before = gw.alpha.total_requests()
+    response = client(gw).chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
+    assert response.headers["x-keypool-provider"] == "beta"
+    assert response.headers["x-keypool-attempts"] == "1"  # beta first: no attempt spent on alpha
+    assert gw.alpha.total_requests() == before
 
 
 def test_upstream_400_is_passed_through_and_counts_against_no_key(gw: Running) -> None:
@@ -221,6 +232,17 @@ def test_client_disconnect_mid_stream_frees_the_lease(gw: Running) -> None:
     assert _wait_until(lambda: gw.in_flight() == 0)
     stats = {k["key_id"]: k for k in gw.pool.stats("alpha")}
     assert all(k["failure_count"] == 0 for k in stats.values())  # a caller leaving blames nobody
+
+
+def test_client_giving_up_on_a_slow_answer_cancels_the_upstream_attempt(gw: Running) -> None:
+    for secret in A_SECRETS:
+        gw.alpha.set_fault(secret, Fault.hang())
+    body = {"model": "chat", "messages": MESSAGES}
+    with raw(gw) as http, pytest.raises(httpx2.ReadTimeout):
+        http.post("/v1/chat/completions", json=body, timeout=httpx2.Timeout(15, read=0.5))
+    assert _wait_until(lambda: gw.in_flight() == 0)
+    assert all(k["failure_count"] == 0 for k in gw.pool.stats("alpha"))  # nobody is blamed
+    assert _wait_until(lambda: sum(gw.alpha.counters(s).in_flight for s in A_SECRETS) == 0)
 
 
 def test_a_stream_cut_after_bytes_ends_with_an_error_event(gw: Running) -> None:

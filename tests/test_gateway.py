@@ -103,6 +103,10 @@ def test_embeddings_and_models(gw: Running) -> None:
 def test_responses_where_a_route_serves_them(gw: Running) -> None:
     answer = client(gw).responses.create(model="chat", input="say this")
     assert "say this" in answer.output_text
+    events = client(gw).responses.create(model="chat", input="stream this", stream=True)
+    done = [e for e in events if e.type == "response.completed"]
+    assert done
+    assert "stream this" in done[0].response.output_text
     with pytest.raises(openai.BadRequestError, match="/v1/responses"):
         client(gw).responses.create(model="chat-beta", input="say this")
 
@@ -134,6 +138,9 @@ def test_models_a_caller_may_not_use_and_unknown_models(gw: Running) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client(gw).chat.completions.create(model="no-such-model", messages=MESSAGES)
     assert caught.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(gw).chat.completions.create(model="m" * 100_000, messages=MESSAGES)
+    assert len(caught.value.message) < 400  # the caller's input is not echoed without bound
 
 
 def test_failover_to_the_next_route_before_any_byte(gw: Running) -> None:

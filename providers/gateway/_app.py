@@ -209,20 +209,21 @@ class Gateway:
             raise _not_allowed(method, path)
         assert upstream_path is not None
         body = parse_or_raise(await _read_body(receive, headers, self.config.settings.max_body_bytes))
-        entry.model = body.model
+        shown = _shown(body.model)
+        entry.model = shown
         entry.stream = body.stream
         model = self.config.models.get(body.model)
         if model is None:
             raise GatewayError(
                 404,
-                f"The model `{body.model}` does not exist or you do not have access to it.",
+                f"The model `{shown}` does not exist or you do not have access to it.",
                 param="model",
                 code="model_not_found",
             )
         if not caller.may_use(model.name):
             raise GatewayError(
                 403,
-                f"This key may not use the model `{body.model}`.",
+                f"This key may not use the model `{shown}`.",
                 "permission_error",
                 "model_not_allowed",
                 param="model",
@@ -272,7 +273,7 @@ class Gateway:
             if wanted not in names:
                 raise GatewayError(
                     404,
-                    f"The model `{wanted}` does not exist or you do not have access to it.",
+                    f"The model `{_shown(wanted)}` does not exist or you do not have access to it.",
                     param="model",
                     code="model_not_found",
                 )
@@ -325,6 +326,12 @@ def parse_or_raise(raw: bytes) -> RequestBody:
         return parse_body(raw)
     except BadBody as exc:
         raise GatewayError(400, str(exc), param=exc.param, code="invalid_body") from None
+
+
+def _shown(name: str) -> str:
+    """A caller's model name as errors and the access log repeat it: bounded, one line."""
+    name = name.replace("\n", " ").replace("\r", " ")
+    return name if len(name) <= 200 else f"{name[:200]}…"
 
 
 def _known_path(path: str) -> bool:

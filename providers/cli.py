@@ -86,8 +86,7 @@ def _gateway_parser(sub: Any) -> None:
         help="run the OpenAI-compatible gateway (without --config: an embedded demo, no keys needed)",
         description="Serve /v1/chat/completions, /v1/embeddings, /v1/responses and /v1/models through\n"
         "key pools with breakers and model routes, plus the admin API, /metrics and /healthz.",
-        epilog=_serve_admin_environment()
-        + "\n  KEYPOOL_REDIS_URL\n      share breakers across workers and hosts",
+        epilog=_serve_environment(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gateway.add_argument(
@@ -202,6 +201,23 @@ def _study(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             plots=not args.no_plots,
         ),
+    )
+
+
+def _serve_environment() -> str:
+    """The gateway help's last section: the variables serve reads."""
+    from keypool._serve import TOKEN_ENV
+
+    return "\n".join(
+        [
+            "environment:",
+            f"  {TOKEN_ENV}",
+            "      the admin token (required with --config unless --insecure-no-token on loopback)",
+            "  KEYPOOL_REDIS_URL",
+            "      share breakers, throttles and admin changes across workers and hosts",
+            "      (required for --workers above 1)",
+            "  the variables the config's keys_env / secret_env fields name",
+        ]
     )
 
 

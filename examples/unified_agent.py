@@ -43,6 +43,9 @@ async def main() -> None:
                 )
             except LoadShed as shed:
                 print(f"{n} {priority:8}: shed, retry in {shed.retry_after:.0f} s")
+        async with await agent.chat(model="deepseek-chat", messages=question, stream=True) as stream:
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        print(f"streamed by {stream.provider}/{stream.model}: {text!r}")
         # ----------------------------------------------------------------------------------------
         print(f"citations came along: {answer.response.citations}")  # type: ignore[attr-defined]
         print("capacity:", {name: c.status for name, c in agent.capacity().items()})

@@ -7,7 +7,7 @@ import logging as _logging
 
 from ._breaker import BreakerSnapshot, BreakerState, CircuitBreaker, OpenReason, Permit, Transition
 from ._budget import RequestBudget, current_budget, request_budget
-from ._capacity import Capacity, CapacityStatus, TierCapacity
+from ._capacity import AccountCapacity, Capacity, CapacityStatus, TierCapacity
 from ._clock import Clock, MonotonicClock
 from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, fingerprint
 from ._errors import (
@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 _logging.getLogger("keypool").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "AccountCapacity",
     "BackupTierChanged",
     "BreakerConfig",
     "BreakerSnapshot",

@@ -198,7 +198,9 @@ _PLAIN_BODY = EndCheck(None, event_stream=False)  # keeps no state: one serves e
 
 def _interrupted(lease: Lease, exc: BaseException, idle: float | None) -> StreamInterrupted:
     reason = f"no data for {idle} s" if isinstance(exc, TimeoutError) else type(exc).__name__
-    return StreamInterrupted(lease.provider, lease.key_id, reason)
+    interrupted = StreamInterrupted(lease.provider, lease.key_id, reason)
+    interrupted.__cause__ = exc  # known before it is raised, so an error map can tell a timeout
+    return interrupted
 
 
 class LeasedAsyncStream(httpx2.AsyncByteStream):

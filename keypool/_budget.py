@@ -29,6 +29,7 @@ class RequestBudget:
     clock: Clock
     tried: list[tuple[str, str]] = field(default_factory=list)
     served_by: tuple[str, str] | None = None
+    fallback: bool = False  # the caller has another route: a failing provider is left at once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -63,9 +64,13 @@ def current_budget() -> RequestBudget | None:
 
 @contextmanager
 def request_budget(
-    *, attempts: int, timeout: float | None = None, clock: Clock | None = None
+    *, attempts: int, timeout: float | None = None, clock: Clock | None = None, fallback: bool = False
 ) -> Iterator[RequestBudget]:
-    """Share ``attempts`` and one deadline ``timeout`` seconds from now across the block's requests."""
+    """Share ``attempts`` and one deadline ``timeout`` seconds from now across the block's requests.
+
+    ``fallback=True`` says the caller has another route to try: a request then leaves a provider
+    that times out or fails twice in a row at once instead of retrying it key after key.
+    """
     if attempts < 1:
         raise ConfigError(f"attempts: must be >= 1 (got {attempts})")
     if timeout is not None and timeout <= 0:
@@ -75,6 +80,7 @@ def request_budget(
         attempts_left=attempts,
         deadline=None if timeout is None else source.now() + timeout,
         clock=source,
+        fallback=fallback,
     )
     token = _current.set(budget)
     try:

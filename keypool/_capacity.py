@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Capacity", "CapacityStatus", "TierCapacity"]
+__all__ = ["AccountCapacity", "Capacity", "CapacityStatus", "TierCapacity"]
 
 CapacityStatus = Literal["healthy", "degraded", "critical", "down"]
 
@@ -24,6 +24,16 @@ class TierCapacity:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountCapacity:
+    """The keys of one account (which share its limits) and how long the account is throttled."""
+
+    name: str
+    keys: int
+    throttled: int
+    throttled_for: float | None  # seconds until the account's last Retry-After passes, if it has not
+
+
+@dataclass(frozen=True, slots=True)
 class Capacity:
     """How much of a provider can take calls now, for code (the runbook asks Grafana the same).
 
@@ -35,6 +45,10 @@ class Capacity:
     serving keys are closed (the runbook's "majority open"), ``degraded`` when any serving key is
     not closed or has failures counted. ``waiting`` is the number of callers queued for a key.
     ``next_recovery_in`` is the number of seconds until the soonest key should be back, if known.
+    ``provider_state`` is the provider's own breaker (endpoint failures across its keys: ``closed``,
+    ``open``, ``half_open``); ``trial_ready`` is true when a call now would be a trial that could
+    bring the provider or one of its keys back (routing sends it there first, so a healed provider
+    gets its trials even while a fallback is healthy). ``accounts``: keys grouped by account.
     """
 
     provider: str
@@ -54,6 +68,9 @@ class Capacity:
     backup: TierCapacity
     serving: int = 0
     waiting: int = 0
+    provider_state: str = "closed"
+    trial_ready: bool = False
+    accounts: tuple[AccountCapacity, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +89,12 @@ class Capacity:
             "backup_active": self.backup_active,
             "backup_forced": self.backup_forced,
             "next_recovery_in": self.next_recovery_in,
+            "provider_state": self.provider_state,
+            "trial_ready": self.trial_ready,
+            "accounts": [
+                {"name": a.name, "keys": a.keys, "throttled": a.throttled, "throttled_for": a.throttled_for}
+                for a in self.accounts
+            ],
             "primary": _tier_dict(self.primary),
             "backup": _tier_dict(self.backup),
         }
@@ -92,6 +115,9 @@ def assess(
     backup_forced: bool | None,
     soon: float | None,
     waiting: int,
+    provider_state: str = "closed",
+    trial_ready: bool = False,
+    accounts: tuple[AccountCapacity, ...] = (),
 ) -> Capacity:
     """Put a provider's tier counts together into one :class:`Capacity` with its status.
 
@@ -132,4 +158,7 @@ def assess(
         backup=backup,
         serving=serving_total,
         waiting=waiting,
+        provider_state=provider_state,
+        trial_ready=trial_ready,
+        accounts=accounts,
     )

@@ -11,12 +11,20 @@ The rules (the outcome table in ``docs/architecture.md``):
 * a failure that is the key's (429, 401/403, 402) moves the request to another key and costs no
   retry, up to the number of keys;
 * an endpoint failure (5xx, 408, timeouts, resets, a stream cut before its first byte) costs one
-  of ``retries`` (``max_retries``, 2 by default, as in the ``openai`` client), unless another key
-  of the provider is closed with no failures counted: then the failure looks like the key's own
-  and moving on is free;
-* a key already tried is tried again only when no other key can serve, after a failure with the
-  ``openai`` client's own backoff (0.5 s, then 1 s, ... up to 8 s, less up to a quarter), or after
-  a throttle whose Retry-After the pool may wait for (``max_wait``);
+  of ``retries`` (``max_retries``, 2 by default, as in the ``openai`` client), unless it is the
+  first failure in a row and another key of the provider is closed with no failures counted: then
+  it looks like the key's own and moving on is free;
+* a throttle (429) moves on for free the first time; a second one in a row looks like the
+  provider's or the account's limit and costs a retry, like the ``openai`` client's retry of a 429;
+* every attempt after one that cost a retry waits the ``openai`` client's own backoff first (0.5 s,
+  then 1 s, ... up to 8 s, less a quarter to a half: never longer than the plain client sleeps),
+  so keypool never gives up later than the plain client would with the same ``max_retries``
+  (after a 429 with Retry-After the pool waits for that instant instead, within ``max_wait``);
+* a key already tried is tried again only when no other key can serve (after a throttle, once the
+  pool may wait for its Retry-After: ``max_wait``);
+* with another route to go to (``request_budget(fallback=True)``, as ``UnifiedAgent`` opens),
+  anything but a free move ends the request at this provider at once: a timeout, a second endpoint
+  failure or throttle in a row. The next route is the better retry;
 * nothing outlasts the deadline: waits for a key, every attempt and every backoff.
 """
 
@@ -149,7 +157,13 @@ class RequestPlan:
     retries_left: int = 0
     last_kind: OutcomeKind | None = None
     backoffs: int = 0
+    strikes: int = 0  # endpoint failures and throttles in a row
+    pause_due: float = 0.0  # the backoff owed before the next attempt
+    charged: bool = False  # the last strike has paid its retry
     deadline_bound: bool = False  # the current attempt's reads end at the caller's deadline
+    connect_bound: bool = False  # the current attempt's connect ends at the caller's deadline
+    last_retry_after: float | None = None  # the Retry-After of the last throttle (None: no header)
+    wait_cap: float | None = None  # the longest the next lease may wait for a recovery (None: max_wait)
 
     def __post_init__(self) -> None:
         self.retries_left = self.settings.retries
@@ -203,18 +217,35 @@ class RequestPlan:
         headers = self.settings.headers_limit(self.stream, total)
         given = timeout or {}
         read = given.get("read")
-        # A timeout of this attempt is then the caller's own deadline, not a silent key.
+        # A timeout of this attempt is then the caller's own deadline, not a silent key (unless
+        # the attempt's own cap, attempt_timeout, ends it first: then it is the key's).
+        cap = self.settings.attempt_timeout
         self.deadline_bound = (
-            left is not None and (headers is None or left <= headers) and (read is None or left <= read)
+            left is not None
+            and (headers is None or left <= headers)
+            and (read is None or left <= read)
+            and (cap is None or left <= cap)
         )
+        connect = given.get("connect")
+        self.connect_bound = left is not None and (connect is None or left <= connect)
         if headers is not None:
             read = headers if read is None else min(read, headers)
         return {
-            "connect": _capped(given.get("connect"), left),
+            "connect": _capped(connect, left),
             "read": _capped(read, left),
             "write": _capped(given.get("write"), left),
             "pool": _capped(given.get("pool"), left),
         }
+
+    def at_deadline(self, detail: str) -> bool:
+        """Whether a timeout (``detail``: its exception's name) of the current attempt was the
+        caller's own deadline rather than a silent key or endpoint."""
+        return self.connect_bound if detail == "ConnectTimeout" else self.deadline_bound
+
+    def max_wait(self, provider_default: float) -> float:
+        """How long the next lease may wait for a down provider's soonest recovery."""
+        given = provider_default if self.settings.max_wait is None else self.settings.max_wait
+        return given if self.wait_cap is None else min(given, self.wait_cap)
 
     def hard_limit(self, now: float) -> float | None:
         """A cap on the whole attempt, body included: ``attempt_timeout``, never past the deadline."""
@@ -239,19 +270,50 @@ class RequestPlan:
         """Whether the request goes on after an attempt with this (non-success) outcome.
 
         ``healthy_elsewhere``: another key of the provider is closed with no failures counted, so
-        this failure looks like the key's own and moving on costs no retry.
+        a first endpoint failure looks like the key's own and moving on costs no retry.
         """
         kind = outcome.kind
         self.last_kind = kind
+        self.last_retry_after = outcome.retry_after
+        prior = self.strikes
+        strike = kind is OutcomeKind.FAILURE or kind is OutcomeKind.THROTTLED
+        self.strikes = prior + 1 if strike else 0
         if not kind.retry_elsewhere or not self.replayable:
             return False
         if self.attempts_left <= 0 or self.expired(now):
             return False
-        if kind is OutcomeKind.FAILURE and not healthy_elsewhere:
+        self.charged = False
+        if not strike:
+            return True  # a key's own refusal (401/403/402): another key is a clean retry
+        free = prior == 0 and (kind is OutcomeKind.THROTTLED or healthy_elsewhere)
+        fallback = self.shared is not None and self.shared.fallback
+        if fallback and (not free or "Timeout" in outcome.detail):
+            return False  # the provider is failing or silent: the next route is the better retry
+        if not free:
             if self.retries_left <= 0:
                 return False
             self.retries_left -= 1
+            self.charged = True
+            if kind is OutcomeKind.FAILURE or outcome.retry_after is None:
+                self.pause_due = self._backoff()  # after a Retry-After the pool waits as it says
         return True
+
+    def _backoff(self) -> float:
+        """A delay on the openai client's schedule (0.5 s, 1 s, ... 8 s), jittered but never longer
+        than the shortest the plain client would sleep (it takes off up to a quarter; this takes off
+        a quarter to a half), so keypool never gives up later than it."""
+        delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (0.75 - 0.25 * self.rng.random())
+        self.backoffs += 1
+        return delay
+
+    def take_pause(self, now: float) -> float | None:
+        """The backoff owed before the next attempt (0.0 if none), or ``None`` if it would reach
+        past the deadline: then the request ends with what it has."""
+        delay, self.pause_due = self.pause_due, 0.0
+        left = self.remaining(now)
+        if delay and left is not None and delay >= left:
+            return None
+        return delay
 
     def look_again(self, now: float) -> float | None:
         """No other key can serve: seconds to back off before the keys already tried are looked
@@ -259,19 +321,25 @@ class RequestPlan:
 
         Inside a :func:`~keypool.request_budget` (a caller with other routes, such as
         ``UnifiedAgent``) keys are not reused: the next route is the better retry. Reusing a key
-        after a throttle costs a retry, as the ``openai`` client's retry of a 429 does.
+        costs a retry unless the failure that led here already paid one (and its backoff).
         """
         if not self.exclude or self.attempts_left <= 0 or self.last_kind is None or self.shared is not None:
             return None
-        if self.last_kind is OutcomeKind.THROTTLED:
+        self.wait_cap = None
+        delay = 0.0
+        if self.strikes and not self.charged:  # a free move found no key: reusing one costs
             if self.retries_left <= 0:
                 return None
             self.retries_left -= 1
-        if self.last_kind is OutcomeKind.FAILURE:
-            delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (1 - 0.25 * self.rng.random())
-            self.backoffs += 1
-        else:
-            delay = 0.0  # a throttle: the pool waits for the Retry-After if it is short enough
+            self.charged = True
+            if self.last_kind is OutcomeKind.FAILURE:
+                delay = self._backoff()
+            elif self.last_retry_after is None:
+                # A 429 without Retry-After: the keys' recovery is only a guess, so the next lease
+                # waits for it no longer than the openai client's own backoff before its retry would.
+                self.wait_cap = self._backoff()
+        elif self.last_kind is OutcomeKind.THROTTLED and self.last_retry_after is None:
+            self.wait_cap = 0.0  # the backoff is paid already: no more waiting on a guess
         left = self.remaining(now)
         if left is not None and delay >= left:
             return None

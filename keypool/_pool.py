@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from ._breaker import BreakerState, CircuitBreaker, OpenReason
-from ._capacity import Capacity, CapacityStatus, TierCapacity, assess
+from ._capacity import AccountCapacity, Capacity, CapacityStatus, TierCapacity, assess
 from ._clock import Clock, MonotonicClock
 from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, validate
 from ._errors import ConfigError, UnknownKeyError, UnknownProviderError
@@ -336,6 +336,14 @@ class KeyPool(Leasing):
             active = len(serving) > 1
             forced = prov.backup_forced
             waiting = prov.waiting
+            provider_state = prov.health.state.label
+            trial_ready = prov.health.trial_ready(now) or any(
+                key.breaker.state(now) is BreakerState.HALF_OPEN and key.breaker.can_admit(now)
+                for tier in serving
+                if tier.counts["half_open"]
+                for key in tier.keys
+            )
+            accounts = tuple(_account(name, keys, now) for name, keys in prov.accounts.items())
         self._emit(events)
         return assess(
             provider,
@@ -347,6 +355,9 @@ class KeyPool(Leasing):
             backup_forced=forced,
             soon=soon,
             waiting=waiting,
+            provider_state=provider_state,
+            trial_ready=trial_ready,
+            accounts=accounts,
         )
 
     def _key_stats(self, key: KeyState, now: float) -> dict[str, Any]:
@@ -511,3 +522,14 @@ class KeyPool(Leasing):
     def __repr__(self) -> str:
         counts = {p.name: len(p.keys) for p in self._providers.values()}
         return f"KeyPool(providers={counts})"
+
+
+def _account(name: str, keys: list[KeyState], now: float) -> AccountCapacity:
+    live = [k for k in keys if not k.removed]
+    until = max((k.breaker.throttled_until for k in live), default=0.0)
+    return AccountCapacity(
+        name=name,
+        keys=len(live),
+        throttled=sum(1 for k in live if k.breaker.throttled_until > now),
+        throttled_for=until - now if until > now else None,
+    )

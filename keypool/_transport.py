@@ -43,6 +43,9 @@ from ._pool import KeyPool
 __all__ = ["KeyPoolTransport", "SyncKeyPoolTransport"]
 
 
+_CONNECT_FAILURES = frozenset({"ConnectError", "ConnectTimeout"})
+
+
 def _as_is(error: KeyPoolError, request: httpx2.Request) -> BaseException:
     return error
 
@@ -139,16 +142,29 @@ class _Base:
         request.extensions = {**request.extensions, "timeout": limits}
         return True
 
+    def _max_wait(self, plan: RequestPlan) -> float | None:
+        if plan.settings.max_wait is None and plan.wait_cap is None:
+            return None  # the provider's own, resolved by the pool
+        return plan.max_wait(self.pool._provider(self.provider).config.max_wait)
+
     def _judge(self, lease: Lease, plan: RequestPlan, outcome: Outcome) -> bool:
         """Record a non-success outcome; True if the request should move to another key."""
         now = self.pool.clock.now()
-        if outcome.kind is OutcomeKind.FAILURE and "Timeout" in outcome.detail and plan.deadline_bound:
+        failed = outcome.kind is OutcomeKind.FAILURE
+        if failed and "Timeout" in outcome.detail and plan.at_deadline(outcome.detail):
             outcome = IGNORED  # the caller's own deadline ran out: not the key's fault
         lease.record(outcome)
-        healthy = outcome.kind is OutcomeKind.FAILURE and self.pool.healthy_elsewhere(
-            self.provider, plan.exclude
+        # A connect fails before any key is sent: on a shared endpoint another key cannot help, so
+        # moving on costs a retry, as the plain client's next connect does.
+        healthy = (
+            outcome.kind is OutcomeKind.FAILURE
+            and not (outcome.detail in _CONNECT_FAILURES and self._shared_endpoint())
+            and self.pool.healthy_elsewhere(self.provider, plan.exclude)
         )
         return plan.retry_after(outcome, now, healthy_elsewhere=healthy)
+
+    def _shared_endpoint(self) -> bool:
+        return self.pool._provider(self.provider).config.shared_endpoint
 
     def _out_of_attempts(self, request: httpx2.Request) -> BaseException:
         spent = NoKeyAvailable(self.provider, 0.0, "the request's attempt budget is spent", reason="budget")
@@ -230,12 +246,17 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         clock = self.pool.clock
         last: httpx2.Response | BaseException | None = None
         while True:
+            if plan.pause_due:
+                pause = plan.take_pause(clock.now())
+                if pause is None:
+                    break
+                await clock.sleep(pause)
             try:
                 lease = await self.pool.acquire(
                     self.provider,
                     timeout=plan.remaining(clock.now()),
                     exclude=plan.exclude,
-                    max_wait=plan.settings.max_wait,
+                    max_wait=self._max_wait(plan),
                 )
             except NoKeyAvailable as refusal:
                 if last is None:
@@ -388,12 +409,17 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
         clock = self.pool.clock
         last: httpx2.Response | BaseException | None = None
         while True:
+            if plan.pause_due:
+                pause = plan.take_pause(clock.now())
+                if pause is None:
+                    break
+                clock.sleep_sync(pause)
             try:
                 lease = self.pool.acquire_sync(
                     self.provider,
                     timeout=plan.remaining(clock.now()),
                     exclude=plan.exclude,
-                    max_wait=plan.settings.max_wait,
+                    max_wait=self._max_wait(plan),
                 )
             except NoKeyAvailable as refusal:
                 if last is None:

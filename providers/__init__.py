@@ -15,6 +15,7 @@ from ._errors import (
     PoolTimeoutError,
     PoolUnavailableError,
     StreamInterruptedError,
+    StreamTimeoutError,
 )
 from ._health import HealthReport, KeyHealth, Probe
 from ._openai import AsyncPooledOpenAI, PooledOpenAI
@@ -42,5 +43,6 @@ __all__ = [
     "PooledOpenAI",
     "Probe",
     "StreamInterruptedError",
+    "StreamTimeoutError",
     "run_batch",
 ]

@@ -5,8 +5,9 @@ must keep working when the client underneath is pooled. So each refusal is raise
 plain client raises for the same situation, with a real ``response`` (status, ``retry-after``
 header, an OpenAI-style error body) and the real ``request``, and is also a
 :class:`keypool.NoKeyAvailable` carrying the pool's view (``provider``, ``reason``,
-``retry_after``). A stream that breaks after data reached the caller is an ``openai.APIError``
-that is also a :class:`keypool.StreamInterrupted`.
+``retry_after``). A stream that breaks after data reached the caller is what the plain client
+raises then, ``openai.APIConnectionError`` (``APITimeoutError`` when it went silent), and also a
+:class:`keypool.StreamInterrupted`.
 
 =========================================  =========================================  ======
 why no key can serve (``reason``)          raised as                                  status
@@ -39,6 +40,7 @@ __all__ = [
     "PoolTimeoutError",
     "PoolUnavailableError",
     "StreamInterruptedError",
+    "StreamTimeoutError",
     "openai_error",
 ]
 
@@ -81,9 +83,15 @@ class PoolTimeoutError(NoKeyAvailableError, openai.APITimeoutError):
     """The call's deadline passed while every key was busy with calls in flight."""
 
 
-class StreamInterruptedError(StreamInterrupted, openai.APIError):
-    """A stream broke after part of it reached the caller: an ``openai.APIError`` that is also a
-    :class:`keypool.StreamInterrupted` (``provider``, ``key_id``, ``reason``)."""
+class StreamInterruptedError(StreamInterrupted, openai.APIConnectionError):
+    """A stream broke after part of it reached the caller: the ``openai.APIConnectionError`` the
+    plain client raises for it, also a :class:`keypool.StreamInterrupted` (``provider``,
+    ``key_id``, ``reason``)."""
+
+
+class StreamTimeoutError(StreamInterruptedError, openai.APITimeoutError):
+    """A stream went silent after part of it reached the caller: ``openai.APITimeoutError``, as
+    for the plain client, and a :class:`StreamInterruptedError`."""
 
 
 _STATUS: dict[str, tuple[int, type[NoKeyAvailableError]]] = {
@@ -115,9 +123,11 @@ def openai_error(error: KeyPoolError, request: httpx2.Request) -> BaseException:
         return error
     message = str(error)
     if isinstance(error, StreamInterrupted):
-        broken = StreamInterruptedError.__new__(StreamInterruptedError)
+        silent = isinstance(error.__cause__, TimeoutError | httpx2.TimeoutException)
+        kind = StreamTimeoutError if silent else StreamInterruptedError
+        broken = kind.__new__(kind)
         broken.provider, broken.key_id, broken.reason = error.provider, error.key_id, error.reason
-        openai.APIError.__init__(broken, message, request, body=None)
+        openai.APIConnectionError.__init__(broken, message=message, request=request)
         return broken
     if not isinstance(error, NoKeyAvailable):
         return error

@@ -161,7 +161,8 @@ class _PooledSettings:
         if transport is not None:
             # a transport you pass is yours to close
             self.keypool_transport = self._make_transport(transport, sync, close_inner=False)
-            return client_type(transport=self.keypool_transport, timeout=None)
+            # openai takes its default timeout from the HTTP client it is given: give it openai's own
+            return client_type(transport=self.keypool_transport, timeout=openai.DEFAULT_TIMEOUT)
         default = openai.DefaultHttpxClient() if sync else openai.DefaultAsyncHttpxClient()
         return self._mount(default, sync)
 

@@ -8,14 +8,17 @@ defaults.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
 
-from keypool import BreakerConfig, KeyPool, classify_status
+from keypool import BreakerConfig, KeyPool, KeyStateChanged, classify_status
 from keypool.store import RedisStore
 from tests.redis_server import RedisServer, TcpProxy, closed_afterwards, running_redis
 
@@ -148,3 +151,32 @@ def test_a_redis_restarted_from_an_older_snapshot_does_not_bring_back_a_cleared_
         wait_for(lambda: not a_store.degraded and not b_store.degraded)
         a.trip(P, "k2")  # and sharing goes on
         wait_for(lambda: state(b, "k2") == "open")
+
+
+def test_a_merge_answer_read_before_a_trip_landed_does_not_undo_it(
+    server: RedisServer, stores: list[RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool that binds (starts, or adds a provider) merges its keys into Redis; another process's
+    trip may land right after that merge read a key, and reach this process (its message) before
+    the merge's answer does. The older answer must not undo the trip here: nothing would redo it."""
+    ns = f"f{uuid.uuid4().hex[:6]}"
+    a, _ = pool_on(stores, server.url, ns)
+    c, c_store = pool_on(stores, server.url, ns)
+    a.trip(P, "k2")
+    wait_for(lambda: state(c, "k2") == "open")  # c hears the others
+    opened = asyncio.Event()  # set on c's store loop, where c adopts what it hears
+    c.add_hook(lambda e: opened.set() if isinstance(e, KeyStateChanged) and e.key_id == "k0" else None)
+    merge = c_store._batch
+
+    async def merge_then_hear_the_trip(changes: Any, merges: Any = None) -> Any:
+        answers = await merge(changes, merges)  # k0 read closed, before the trip
+        if merges is not None and not opened.is_set():
+            a.trip(P, "k0")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opened.wait(), 1.5)  # c hears of the trip first
+        return answers
+
+    monkeypatch.setattr(c_store, "_batch", merge_then_hear_the_trip)
+    c.add_provider({"name": "q", "keys": [{"secret": "sk-order-q", "key_id": "q0"}]})  # binds again
+    assert state(a, "k0") == "open"
+    assert state(c, "k0") == "open"

@@ -492,7 +492,13 @@ class Simulation:
         if kind is OutcomeKind.SUCCESS:
             self.result.served += 1
         elif plan.retry_after(outcome, t, healthy_elsewhere=self._clean_elsewhere(request, kind)):
-            return True
+            if not plan.pause_due:
+                return True
+            pause = plan.take_pause(t)  # the client's backoff before an attempt that costs a retry
+            if pause is not None:
+                self._push(t + pause, _RETRY, request)
+                return False
+            self.result.failed += 1
         elif kind is OutcomeKind.CALLER_ERROR:
             self.result.caller_errors += 1
         else:

@@ -236,19 +236,24 @@ def _pool_false_trips(run: _Runner, plan: StudyPlan, base: int, confidence: floa
     )
     # Failover: a failed attempt is retried on another key, so each request makes
     # 1 + p + p^2 + ... (at most `keys`) attempts; by symmetry each key gets a quarter of them.
+    # The provider's own breaker sees the same attempts as one stream: k endpoint failures in a
+    # row across its keys open the whole provider, which counts as a trip too.
     attempts_per_request = sum(p**j for j in range(keys))
     per_key_rate = RATE * attempts_per_request / keys
     rows = []
     for w in WINDOWS:
         one = poisson_run_probability(per_key_rate * w, k, p)
-        exact = 1.0 - (1.0 - one) ** keys
+        provider = poisson_run_probability(RATE * attempts_per_request * w, k, p)
+        exact = 1.0 - (1.0 - one) ** keys * (1.0 - provider)
         hits = sum(1 for f in firsts if f is not None and f < w)
         row = {"failure_threshold": k, "window_s": w, "attempts_per_key_per_window": _r(per_key_rate * w)}
         row.update(_proportion(hits, len(firsts), exact, confidence))
         rows.append(row)
     return {
-        "setup": f"{keys} keys share {RATE:g} requests/s (Poisson) with failover; a trip of any key counts; "
-        "exact = 1 - (1 - P_key)^4, P_key over Poisson(per-key attempts) attempts",
+        "setup": f"{keys} keys share {RATE:g} requests/s (Poisson) with failover; a trip of any key, "
+        "or of the provider's own breaker, counts; exact = 1 - (1 - P_key)^4 (1 - P_provider), "
+        "P_key over Poisson(per-key attempts) attempts, P_provider over Poisson(all attempts), "
+        "the streams taken as independent",
         "keys": keys,
         "request_rate": RATE,
         "attempts_per_key_per_second": _r(per_key_rate),

@@ -133,6 +133,10 @@ class RedisStore:
         self._pending: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._overtaken: dict[tuple[str, str], Wire] = {}  # others' news that came while we wrote
         self._seen: dict[tuple[str, str], int] = {}
+        # Adoptions so far, and the count at each key's last one: a merge's answer older than a
+        # version adopted after the merge was sent was read before that change landed (stale).
+        self._adoptions = 0
+        self._adopted_at: dict[tuple[str, str], int] = {}
         self._known: dict[tuple[str, str], Wire] = {}  # the last state adopted, per key
         self._touched: dict[tuple[str, str], float] = {}  # monotonic time of our last unshared change
         self._trials = Trials(self)  # the trial slots we hold
@@ -289,10 +293,23 @@ class RedisStore:
 
     # ------------------------------------------------------------------ adopting what Redis says
 
-    def _adopt(self, provider: str, key_id: str, wire: Wire, force: bool = False) -> None:
-        """Hand a state to every bound pool, newest versions only."""
+    def _adopt(self, provider: str, key_id: str, wire: Wire, force: bool = False, sent: int = 0) -> None:
+        """Hand a state to every bound pool, newest versions only.
+
+        A merge's answer (``force``) is adopted whatever its version (after a restart from an older
+        snapshot, versions go back), unless it is older than a version adopted since the merge was
+        sent (``sent``: the adoption count then): it read the key before that change landed, and
+        adopting it would undo the change here for good (its news has been heard already).
+        """
         key = (provider, key_id)
         with self._lock:
+            if (
+                force
+                and wire.epoch == self._epoch
+                and wire.version < self._seen.get(key, -1)
+                and self._adopted_at.get(key, 0) > sent
+            ):
+                return
             if force or self._epoch is None:
                 self._epoch = wire.epoch or self._epoch
             elif wire.epoch and wire.epoch != self._epoch:
@@ -301,6 +318,8 @@ class RedisStore:
             if not force and wire.version <= self._seen.get(key, -1):
                 return
             self._seen[key] = wire.version
+            self._adoptions += 1
+            self._adopted_at[key] = self._adoptions
             self._known[key] = wire
             self._touched.pop(key, None)
             pools = list(self._pools)
@@ -370,10 +389,11 @@ class RedisStore:
             ]
             for start in range(0, len(rows), _BATCH):
                 chunk = rows[start : start + _BATCH]
+                sent = self._adoptions
                 replies = await self._batch([c for c, _ in chunk], [m for _, m in chunk])
                 for (change, _), reply in zip(chunk, replies, strict=True):
                     if reply is not None:
-                        self._adopt(change.provider, change.key_id, reply, force=True)
+                        self._adopt(change.provider, change.key_id, reply, force=True, sent=sent)
         if full:
             await self._log.flush()  # what operators changed here meanwhile, then what others did
             await self._log.replay()

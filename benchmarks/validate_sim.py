@@ -13,7 +13,7 @@ differ: which attempts are made, when callers wait, and what trips.
    SECONDS s. The 503s are drawn once per run from a seeded generator and scripted into the
    upstream (``Fault.sequence``) and into the simulated key alike, so the n-th attempt meets the same
    answer in both. What the twins cannot share with the real run is the client's backoff jitter
-   (0.5 s, 1 s, less up to a quarter, drawn at random) and which attempt took how long: they decide
+   (0.5 s, 1 s, less a quarter to a half, drawn at random) and which attempt took how long: they decide
    which request a later draw lands on, and the real stack itself varies by a trip or two from run
    to run on the same draws. So each real run is compared with JITTER_SEEDS simulated twins that
    differ only in those two (latencies drawn from the real run's own attempt durations): trips

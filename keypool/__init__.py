@@ -10,6 +10,7 @@ from ._budget import RequestBudget, current_budget, request_budget
 from ._capacity import AccountCapacity, Capacity, CapacityStatus, TierCapacity
 from ._clock import Clock, MonotonicClock
 from ._config import BreakerConfig, KeySpec, PoolConfig, ProviderConfig, fingerprint
+from ._continuation import Prefill, Splice, continuation_body, continuation_path, continuation_request
 from ._errors import (
     ConfigError,
     KeyPoolError,
@@ -32,6 +33,7 @@ from ._lease import Lease
 from ._outcome import Outcome, OutcomeKind, classify_exception, classify_status, parse_retry_after
 from ._policy import CallSettings
 from ._pool import KeyPool
+from ._sse import EventScanner, Grammar, grammar_of
 from ._transport import KeyPoolTransport, SyncKeyPoolTransport
 
 __version__ = "0.1.0"
@@ -54,6 +56,8 @@ __all__ = [
     "Clock",
     "ConfigError",
     "EventLog",
+    "EventScanner",
+    "Grammar",
     "Hook",
     "KeyPool",
     "KeyPoolError",
@@ -70,8 +74,10 @@ __all__ = [
     "Permit",
     "PoolConfig",
     "PoolEvent",
+    "Prefill",
     "ProviderConfig",
     "RequestBudget",
+    "Splice",
     "StreamInterrupted",
     "SyncKeyPoolTransport",
     "TierCapacity",
@@ -81,8 +87,12 @@ __all__ = [
     "__version__",
     "classify_exception",
     "classify_status",
+    "continuation_body",
+    "continuation_path",
+    "continuation_request",
     "current_budget",
     "fingerprint",
+    "grammar_of",
     "parse_retry_after",
     "request_budget",
 ]

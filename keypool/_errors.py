@@ -8,7 +8,7 @@ Every error a caller can see derives from :class:`KeyPoolError`, so one ``except
     ├── UnknownKeyError          (also LookupError)   names the key ids that exist
     ├── NoKeyAvailable                                no key can take the call before the deadline
     │   └── LoadShed                                  refused on purpose to protect critical traffic
-    └── StreamInterrupted                             a stream broke after bytes reached the caller
+    └── StreamInterrupted                             a stream broke and could not be finished
 
 Messages never contain a key's secret: keys are named by their ``key_id`` only.
 """
@@ -126,13 +126,21 @@ class LoadShed(NoKeyAvailable):
 
 
 class StreamInterrupted(KeyPoolError):
-    """A streamed response broke after part of it reached the caller, so it cannot be retried."""
+    """A streamed response broke after part of it reached the caller and could not be finished."""
 
-    def __init__(self, provider: str, key_id: str, reason: str) -> None:
+    def __init__(
+        self,
+        provider: str,
+        key_id: str,
+        reason: str,
+        *,
+        delivered: int | None = None,
+        outcome: str = "the request was not retried",
+        stalled: bool = False,
+    ) -> None:
         self.provider = provider
         self.key_id = key_id
         self.reason = reason
-        super().__init__(
-            f"stream from provider {provider!r} (key {key_id!r}) broke after data was "
-            f"delivered: {reason}; the request was not retried"
-        )
+        self.delivered = delivered  # characters of content the caller had (None: not counted)
+        self.stalled = stalled  # the stream went silent rather than broke
+        super().__init__(f"stream from provider {provider!r} (key {key_id!r}) broke: {reason}; {outcome}")

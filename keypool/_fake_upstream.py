@@ -50,13 +50,47 @@ RetryAfterHeader: TypeAlias = Literal[
 ]
 CutMode: TypeAlias = Literal["abort", "truncate"]
 FaultKind: TypeAlias = Literal[
-    "ok", "status", "rate_limited", "hang", "slow", "cut_stream", "stall", "flaky", "sequence"
+    "ok",
+    "status",
+    "rate_limited",
+    "hang",
+    "slow",
+    "cut_stream",
+    "stall",
+    "keep_alive_cut",
+    "keep_alive",
+    "malformed",
+    "error_event",
+    "rejects_prefill",
+    "flaky",
+    "sequence",
 ]
 
 POISON_MODEL: Final = "poison"
 """A request naming this model is a caller error: HTTP 400 whatever the key."""
 
-_SIMPLE_KINDS: Final = frozenset({"ok", "status", "rate_limited", "hang", "slow", "cut_stream", "stall"})
+_SIMPLE_KINDS: Final = frozenset(
+    {
+        "ok",
+        "status",
+        "rate_limited",
+        "hang",
+        "slow",
+        "cut_stream",
+        "stall",
+        "keep_alive_cut",
+        "keep_alive",
+        "malformed",
+        "error_event",
+        "rejects_prefill",
+    }
+)
+_KEEP_ALIVE: Final = b": keep-alive\n\n"
+_MALFORMED: Final = b'data: {"choices": [{"index": 0, "delta": {"content": "half' + b"\n\n"
+_ERROR_EVENT: Final = (
+    b'data: {"error": {"message": "The server had an error while processing your request.", '
+    b'"type": "server_error", "param": null, "code": "server_error"}}\n\n'
+)
 _NAMED_STATUS: Final = {401: "rejected", 402: "exhausted", 403: "forbidden"}
 
 
@@ -160,6 +194,55 @@ class Fault:
         return cls(kind="stall", after_chunks=after_chunks)
 
     @classmethod
+    def cut_after_tokens(cls, tokens: int, *, mode: CutMode = "abort") -> Fault:
+        """A chat stream cut after ``tokens`` content deltas (the role chunk comes first)."""
+        return cls.cut_stream(after_chunks=tokens + 1, mode=mode)
+
+    @classmethod
+    def stall_after_tokens(cls, tokens: int) -> Fault:
+        """A chat stream that goes silent after ``tokens`` content deltas."""
+        return cls.stall(after_chunks=tokens + 1)
+
+    @classmethod
+    def no_done(cls) -> Fault:
+        """Every event, ``finish_reason`` included, then a clean end without ``data: [DONE]``."""
+        return cls.cut_stream(after_chunks=1_000_000, mode="truncate")
+
+    @classmethod
+    def keep_alive_then_cut(cls, comments: int = 3, *, interval: float = 0.01) -> Fault:
+        """A queued stream: ``comments`` ``: keep-alive`` lines ``interval`` apart, then the
+        connection drops before any event."""
+        return cls(kind="keep_alive_cut", after_chunks=comments, delay=interval)
+
+    @classmethod
+    def keep_alive(cls, seconds: float, *, interval: float = 0.05) -> Fault:
+        """A queued stream: ``: keep-alive`` lines every ``interval`` for ``seconds``, then the
+        answer (a non-streamed call just answers after ``seconds``)."""
+        return cls(kind="keep_alive", delay=seconds, retry_after=interval)
+
+    @classmethod
+    def malformed_event(cls, at: int = 2) -> Fault:
+        """A stream whose event number ``at`` (0 is the role chunk) is not JSON; the rest follows."""
+        return cls(kind="malformed", after_chunks=at)
+
+    @classmethod
+    def error_event(cls, at: int = 2) -> Fault:
+        """A stream that sends an in-band error event (a server error) as its event number ``at``
+        (0 is the role chunk), then ends cleanly without ``[DONE]``."""
+        return cls(kind="error_event", after_chunks=at)
+
+    @classmethod
+    def rejects_prefill(cls) -> Fault:
+        """400 to a chat request that ends with an assistant message (a prefill); others are
+        answered normally. Without this fault every key continues a prefill."""
+        return cls(kind="rejects_prefill")
+
+    @classmethod
+    def accepts_prefill(cls) -> Fault:
+        """Answer normally, continuing a trailing assistant message (what every key does)."""
+        return cls()
+
+    @classmethod
     def flaky(cls, p: float, fault: Fault, *, seed: int | None = None) -> Fault:
         """Apply ``fault`` with probability ``p``, else answer normally; reproducible with a seed."""
         return cls(kind="flaky", probability=p, inner=fault, seed=seed)
@@ -182,6 +265,14 @@ class Fault:
             return f"Fault.cut_stream(after_chunks={self.after_chunks}, mode={self.mode!r})"
         if kind == "stall":
             return f"Fault.stall(after_chunks={self.after_chunks})"
+        if kind == "keep_alive_cut":
+            return f"Fault.keep_alive_then_cut({self.after_chunks}, interval={self.delay!r})"
+        if kind == "keep_alive":
+            return f"Fault.keep_alive({self.delay!r}, interval={self.retry_after!r})"
+        if kind == "malformed":
+            return f"Fault.malformed_event(at={self.after_chunks})"
+        if kind == "error_event":
+            return f"Fault.error_event(at={self.after_chunks})"
         if kind == "flaky":
             return f"Fault.flaky({self.probability!r}, {self.inner!r}, seed={self.seed!r})"
         if kind == "sequence":
@@ -191,6 +282,9 @@ class Fault:
 
 
 _OK: Final = Fault()
+_STREAM_FAULTS: Final = frozenset(
+    {"cut_stream", "stall", "keep_alive_cut", "keep_alive", "malformed", "error_event"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +292,8 @@ class KeyCounters:
     """What one key saw, counted when each request arrived (so attempts are counted exactly).
 
     ``by_status`` counts the statuses sent (a hang sends none); ``by_endpoint`` uses normalised
-    paths such as ``/chat/completions``; ``cut`` and ``stalled`` count bodies broken on purpose.
+    paths such as ``/chat/completions``; ``cut`` and ``stalled`` count bodies broken on purpose;
+    ``prefills`` counts chat requests that ended with an assistant message (continuations).
     """
 
     requests: int = 0
@@ -210,6 +305,7 @@ class KeyCounters:
     stalled: int = 0
     hangs: int = 0
     in_flight: int = 0
+    prefills: int = 0
 
     def status(self, code: int) -> int:
         """How many responses with this status code were sent."""
@@ -227,6 +323,7 @@ class _Tally:
     stalled: int = 0
     hangs: int = 0
     in_flight: int = 0
+    prefills: int = 0
 
     def freeze(self) -> KeyCounters:
         return KeyCounters(
@@ -239,6 +336,7 @@ class _Tally:
             stalled=self.stalled,
             hangs=self.hangs,
             in_flight=self.in_flight,
+            prefills=self.prefills,
         )
 
 
@@ -628,13 +726,16 @@ class FakeUpstream:
         path = scope["path"]
         if path.startswith("/v1/") or path == "/v1":
             path = path[3:] or "/"
+        beta = path.startswith("/beta/")
+        if beta:
+            path = path[5:]
         endpoint = "/models" if path.startswith("/models/") else path
         secret = self._secret(headers)
         tally_key = secret or ""
         self._arrive(tally_key, endpoint)
         exchange = _Exchange(self, tally_key, receive, send, f"req_fake_{next(self._ids)}")
         try:
-            await self._handle(exchange, scope["method"], path, secret)
+            await self._handle(exchange, scope["method"], path, secret, beta)
         finally:
             self._leave(tally_key)
 
@@ -648,7 +749,7 @@ class FakeUpstream:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _handle(self, ex: _Exchange, method: str, path: str, secret: str | None) -> None:
+    async def _handle(self, ex: _Exchange, method: str, path: str, secret: str | None, beta: bool) -> None:
         try:
             if secret is None or not self._known(secret):
                 raise _HTTPError(
@@ -664,11 +765,18 @@ class FakeUpstream:
                 if body is None:
                     return
                 payload = _parse(body)
+            if beta:
+                payload["__beta__"] = True
             respond = handler(path, payload)
         except _HTTPError as exc:
             await ex.json(exc.status, exc.body)
             return
         fault = self._draw(secret)
+        if respond.prefilled:
+            ex.count(prefills=1)
+            if fault.kind == "rejects_prefill":
+                await ex.json(400, _error_body("Prefill is not supported.", "invalid_request_error", None))
+                return
         await self._apply(ex, fault, path, respond)
 
     def _route(self, method: str, path: str) -> Callable[[str, _JSON], _Answer]:
@@ -713,9 +821,16 @@ class FakeUpstream:
             return
         if kind == "slow" and await _wait_for_disconnect(ex.receive, fault.delay):
             return
-        breaking = fault if kind in ("cut_stream", "stall") else None
+        if (
+            kind == "keep_alive"
+            and answer.events is None
+            and await _wait_for_disconnect(ex.receive, fault.delay)
+        ):
+            return
+        breaking = fault if kind in _STREAM_FAULTS else None
         if answer.events is None:
-            await self._send_whole(ex, answer.body, breaking)
+            whole_break = breaking if kind in ("cut_stream", "stall") else None
+            await self._send_whole(ex, answer.body, whole_break)
         else:
             await self._send_stream(ex, answer, breaking)
 
@@ -736,6 +851,18 @@ class FakeUpstream:
             [("cache-control", "no-cache"), ("connection", "keep-alive")],
         )
         ex.count(streams_started=1)
+        kind = breaking.kind if breaking is not None else "ok"
+        if breaking is not None and kind in ("keep_alive_cut", "keep_alive"):
+            if await self._keep_alive(ex, breaking):
+                return
+            breaking = None
+        elif breaking is not None and kind == "malformed":
+            at = breaking.after_chunks
+            events = [*events[:at], _MALFORMED, *events[at:]]
+            breaking = None
+        elif breaking is not None and kind == "error_event":
+            breaking = Fault.cut_stream(breaking.after_chunks + 1, mode="truncate")
+            events = [*events[: breaking.after_chunks - 1], _ERROR_EVENT]
         limit = breaking.after_chunks if breaking is not None else len(events)
         for event in events[:limit]:
             await ex.body(event, more=True)
@@ -744,6 +871,24 @@ class FakeUpstream:
             return
         await ex.body(answer.terminator, more=False)
         ex.count(streams_completed=1)
+
+    @staticmethod
+    async def _keep_alive(ex: _Exchange, fault: Fault) -> bool:
+        """Send keep-alive comments; ``True`` if the stream ends there (cut, or the client left)."""
+        if fault.kind == "keep_alive_cut":
+            for _ in range(fault.after_chunks):
+                await ex.body(_KEEP_ALIVE, more=True)
+                if await _wait_for_disconnect(ex.receive, fault.delay):
+                    return True
+            ex.count(cut=1)
+            raise DropConnection("stream cut after keep-alives on purpose by FakeUpstream")
+        interval = fault.retry_after or 0.05
+        deadline = time.monotonic() + fault.delay
+        while time.monotonic() < deadline:
+            await ex.body(_KEEP_ALIVE, more=True)
+            if await _wait_for_disconnect(ex.receive, min(interval, max(0.0, deadline - time.monotonic()))):
+                return True
+        return False
 
     @staticmethod
     async def _break(ex: _Exchange, fault: Fault) -> None:
@@ -789,6 +934,18 @@ class FakeUpstream:
             )
         user = [m for m in messages if m.get("role") == "user"]
         text = _text_of(user[-1].get("content")) if user else ""
+        prefilled = messages[-1].get("role") == "assistant"
+        if prefilled:
+            last = messages[-1]
+            if self._flavor == "deepseek" and not (last.get("prefix") is True and payload.get("__beta__")):
+                raise _HTTPError(
+                    400,
+                    "A trailing assistant message needs prefix=true on the beta API (/beta).",
+                    "invalid_request_error",
+                    "invalid_request_error",
+                )
+            prefix = _text_of(last.get("content"))
+            text = text[len(prefix) :] if text.startswith(prefix) else text
         reasoning = (
             f"The user wrote: {text}" if self._flavor == "deepseek" and model == "deepseek-reasoner" else None
         )
@@ -818,13 +975,14 @@ class FakeUpstream:
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
             return _Answer(
-                {
+                prefilled=prefilled,
+                body={
                     **base,
                     "object": "chat.completion",
                     "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
                     "usage": usage,
                     **extra,
-                }
+                },
             )
 
         def chunk(delta: _JSON, finish: str | None = None, **more: Any) -> bytes:
@@ -852,7 +1010,7 @@ class FakeUpstream:
             if include_usage:
                 obj = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage, **extra}
                 events.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
-        return _Answer({}, events, b"data: [DONE]\n\n")
+        return _Answer({}, events, b"data: [DONE]\n\n", prefilled=prefilled)
 
     def _embeddings(self, path: str, payload: _JSON) -> _Answer:
         model = _model_of(payload)
@@ -994,6 +1152,7 @@ class _Answer:
     body: _JSON
     events: list[bytes] | None = None
     terminator: bytes = b""
+    prefilled: bool = False  # a chat request ending with an assistant message
 
 
 def _parse(body: bytes) -> _JSON:

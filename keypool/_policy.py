@@ -37,8 +37,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ._budget import RequestBudget
+from ._continuation import Prefill, check_prefill
 from ._errors import ConfigError
 from ._outcome import Outcome, OutcomeKind
+from ._sse import Grammar
 
 __all__ = ["EXTENSION", "CallSettings", "RequestPlan", "deadline_of"]
 
@@ -46,6 +48,12 @@ __all__ = ["EXTENSION", "CallSettings", "RequestPlan", "deadline_of"]
 EXTENSION = "keypool"
 
 _STREAM_HEADERS_TIMEOUT = 30.0  # every OpenAI-compatible server sends a stream's headers at once
+# An LLM stream silent for this long has stalled: tokens come many times a second, and servers
+# that keep a waiting request alive send keep-alives every few seconds.
+_LLM_STREAM_IDLE = 30.0
+# Long enough for a long prompt's prefill on a busy server; short enough that a request queued
+# behind others (DeepSeek streams keep-alives for up to 10 minutes) moves to another key.
+FIRST_TOKEN_TIMEOUT = 60.0
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.5, 8.0  # the openai client's own retry delays
 
 
@@ -64,7 +72,17 @@ class CallSettings:
     response to start, and for any one read after that, before the next key is tried; ``"auto"``
     is 30 s for streamed calls (servers send a stream's headers at once) and half the call's
     deadline otherwise; ``None`` is no limit beyond the deadline. ``attempt_timeout``: a hard cap
-    on one attempt, body included. ``stream_idle_timeout``: the longest silence inside a stream.
+    on one attempt, body included.
+
+    Streams: ``first_token_timeout``: the longest an attempt may take to show its first content,
+    reasoning or tool-call delta (keep-alives do not count) before the call moves to another key,
+    invisibly to the caller. ``stream_idle_timeout``: the longest silence inside a stream (a
+    stall; for LLM streams every read of an attempt is no longer, keep-alives included);
+    ``"auto"`` is 30 s for LLM streams (chat, completions, Responses) and none for other streams.
+    ``stream_timeout``: a cap on a whole stream, from the call's start (none unless set).
+    ``max_continuations``: how often a chat answer whose stream broke after
+    content is continued elsewhere, when the route can take a ``prefill`` (``"deepseek"``,
+    ``"assistant"``, or ``None``: no continuation); see :mod:`keypool._continuation`.
     """
 
     retries: int = 2
@@ -72,7 +90,11 @@ class CallSettings:
     max_wait: float | None = None
     headers_timeout: HeadersTimeout = "auto"
     attempt_timeout: float | None = None
-    stream_idle_timeout: float | None = None
+    stream_idle_timeout: float | Literal["auto"] | None = "auto"
+    first_token_timeout: float | None = FIRST_TOKEN_TIMEOUT
+    stream_timeout: float | None = None
+    max_continuations: int = 2
+    prefill: Prefill | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
@@ -87,7 +109,13 @@ class CallSettings:
         if self.headers_timeout != "auto":
             _seconds("headers_timeout", self.headers_timeout)
         _seconds("attempt_timeout", self.attempt_timeout)
-        _seconds("stream_idle_timeout", self.stream_idle_timeout)
+        if self.stream_idle_timeout != "auto":
+            _seconds("stream_idle_timeout", self.stream_idle_timeout)
+        _seconds("first_token_timeout", self.first_token_timeout)
+        _seconds("stream_timeout", self.stream_timeout)
+        if not _count(self.max_continuations, 0):
+            raise ConfigError(f"max_continuations: must be an integer >= 0 (got {self.max_continuations!r})")
+        check_prefill(self.prefill)
 
     def merged(self, changes: Mapping[str, Any]) -> CallSettings:
         """A copy with ``changes`` (only the fields given), validated again."""
@@ -97,6 +125,12 @@ class CallSettings:
                 f"unknown call setting(s) {sorted(unknown)}; allowed: {sorted(self.__dataclass_fields__)}"
             )
         return replace(self, **changes)
+
+    def idle_limit(self, llm_stream: bool) -> float | None:
+        """The longest gap between events of a stream (``llm_stream``: one with an event grammar)."""
+        if self.stream_idle_timeout == "auto":
+            return _LLM_STREAM_IDLE if llm_stream else None
+        return self.stream_idle_timeout
 
     def headers_limit(self, stream: bool, total: float | None) -> float | None:
         """The time-to-headers limit of one attempt for a call with deadline ``total`` seconds."""
@@ -164,6 +198,7 @@ class RequestPlan:
     connect_bound: bool = False  # the current attempt's connect ends at the caller's deadline
     last_retry_after: float | None = None  # the Retry-After of the last throttle (None: no header)
     wait_cap: float | None = None  # the longest the next lease may wait for a recovery (None: max_wait)
+    grammar: Grammar | None = None  # an LLM event stream's grammar (``keypool._sse``)
 
     def __post_init__(self) -> None:
         self.retries_left = self.settings.retries

@@ -16,6 +16,7 @@ the transport's ``timeout`` and settings.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -39,6 +40,8 @@ from ._lease import Lease
 from ._outcome import IGNORED, Outcome, OutcomeKind, classify_exception, classify_status
 from ._policy import EXTENSION, CallSettings, RequestPlan, deadline_of
 from ._pool import KeyPool
+from ._sse import Grammar
+from ._stream import StreamCall, start_async, start_sync
 
 __all__ = ["KeyPoolTransport", "SyncKeyPoolTransport"]
 
@@ -100,16 +103,20 @@ class _Base:
 
     @property
     def stream_idle_timeout(self) -> float | None:
-        return self.settings.stream_idle_timeout
+        return self.settings.idle_limit(False)
 
     def _plan(self, request: httpx2.Request) -> RequestPlan:
         given = request.extensions.get(EXTENSION)
         settings = self.settings
         stream = False
         total = self.timeout
+        grammar: Grammar | None = None
+        exclude: frozenset[str] = frozenset()
         if isinstance(given, dict):  # a client that knows the caller's settings and deadline
             settings = given.get("settings") or settings
             stream = bool(given.get("stream"))
+            grammar = given.get("grammar") if stream else None
+            exclude = frozenset(given.get("exclude") or ())
             total = deadline_of(request.extensions.get("timeout"))
         shared = current_budget()
         if shared is not None and shared.exhausted():
@@ -117,7 +124,7 @@ class _Base:
                 self.provider, 0.0, "the request's attempt budget or deadline is spent", reason="budget"
             )
             raise self._refused(spent, request)
-        return RequestPlan.start(
+        plan = RequestPlan.start(
             self.pool.clock.now(),
             total=total,
             settings=settings,
@@ -125,6 +132,26 @@ class _Base:
             replayable=_replayable(request.stream),
             stream=stream,
             shared=shared,
+        )
+        plan.exclude = exclude
+        plan.grammar = grammar
+        return plan
+
+    def _stream_call(self, request: httpx2.Request, plan: RequestPlan, timeout: Any) -> StreamCall | None:
+        """How an LLM event stream of this request is read (``None``: not one)."""
+        if plan.grammar is None:
+            return None
+        given = request.extensions.get(EXTENSION)
+        clock = self.pool.clock
+        return StreamCall(
+            request=request,
+            grammar=plan.grammar,
+            settings=plan.settings,
+            errors=self.errors,
+            timeout=timeout,
+            remaining=lambda: plan.remaining(clock.now()),
+            started=given.get("started") or time.monotonic() if isinstance(given, dict) else time.monotonic(),
+            continuing=isinstance(given, dict) and bool(given.get("continuing")),
         )
 
     def _refused(self, refusal: NoKeyAvailable, request: httpx2.Request) -> BaseException:
@@ -193,6 +220,25 @@ def _replayable(stream: object) -> bool:
     return True
 
 
+def _scannable(response: httpx2.Response, kind: type) -> bool:
+    """Whether a 2xx answer is an event stream to read with its grammar."""
+    stream = response.stream
+    return isinstance(stream, kind) and "text/event-stream" in response.headers.get("content-type", "")
+
+
+def _cap_reads(request: httpx2.Request, settings: CallSettings, *, sync: bool) -> None:
+    """An LLM stream's stall limit is the attempt's read timeout (``httpx2``'s timer costs nothing
+    per chunk). A sync stream has no timer for its first token either: its reads are no longer."""
+    limits = dict(request.extensions.get("timeout") or {})
+    read = limits.get("read")
+    caps = (settings.idle_limit(True), settings.first_token_timeout) if sync else (settings.idle_limit(True),)
+    for cap in caps:
+        if cap is not None:
+            read = cap if read is None else min(read, cap)
+    limits["read"] = read
+    request.extensions = {**request.extensions, "timeout": limits}
+
+
 def _timed_out(exc: BaseException, request: httpx2.Request, limit: float | None) -> BaseException:
     """Our own attempt deadline surfaces as httpx2's read timeout, which SDKs know how to report."""
     if isinstance(exc, TimeoutError) and limit is not None:
@@ -243,6 +289,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         plan = self._plan(request)
         timeout = request.extensions.get("timeout")
+        call = self._stream_call(request, plan, timeout)
         clock = self.pool.clock
         last: httpx2.Response | BaseException | None = None
         while True:
@@ -271,7 +318,10 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
                 if last is None:
                     raise self._out_of_attempts(request)
                 break
+            if call is not None:
+                _cap_reads(request, plan.settings, sync=False)
             hard = plan.hard_limit(clock.now())
+            sent = time.monotonic()
             try:
                 with within(hard):
                     response = await self.inner.handle_async_request(request)
@@ -284,7 +334,12 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
             outcome = classify_status(response.status_code, response.headers)
             if outcome.kind is OutcomeKind.SUCCESS:
                 try:
-                    wrapped = await self._wrap(request, response, lease, plan, hard)
+                    if call is not None and _scannable(response, httpx2.AsyncByteStream):
+                        wrapped = await start_async(
+                            call, response, lease, sent, self.handle_async_request, hard
+                        )
+                    else:
+                        wrapped = await self._wrap(request, response, lease, plan, hard)
                 except RetryableStart as failed:
                     if self._judge(lease, plan, failed.outcome):
                         last = failed.error
@@ -322,7 +377,7 @@ class KeyPoolTransport(_Base, httpx2.AsyncBaseTransport):
         chunks = stream.__aiter__()
         whole = buffers_whole(response)
         body = Body()
-        idle_setting = plan.settings.stream_idle_timeout
+        idle_setting = plan.settings.idle_limit(False)
         try:
             # The head of the body (all of a JSON one) counts toward the attempt; the idle timeout
             # guards each chunk only where the attempt has no strict cap of its own or it is a stream.
@@ -406,6 +461,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         plan = self._plan(request)
         timeout = request.extensions.get("timeout")
+        call = self._stream_call(request, plan, timeout)
         clock = self.pool.clock
         last: httpx2.Response | BaseException | None = None
         while True:
@@ -434,6 +490,9 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
                 if last is None:
                     raise self._out_of_attempts(request)
                 break
+            if call is not None:
+                _cap_reads(request, plan.settings, sync=True)
+            sent = time.monotonic()
             try:
                 response = self.inner.handle_request(request)
             except BaseException as exc:
@@ -444,7 +503,10 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             outcome = classify_status(response.status_code, response.headers)
             if outcome.kind is OutcomeKind.SUCCESS:
                 try:
-                    wrapped = self._wrap(request, response, lease)
+                    if call is not None and _scannable(response, httpx2.SyncByteStream):
+                        wrapped = start_sync(call, response, lease, sent, self.handle_request)
+                    else:
+                        wrapped = self._wrap(request, response, lease)
                 except RetryableStart as failed:
                     if self._judge(lease, plan, failed.outcome):
                         last = failed.error

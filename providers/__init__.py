@@ -15,7 +15,7 @@ from ._errors import (
     PoolTimeoutError,
     PoolUnavailableError,
     StreamInterruptedError,
-    StreamTimeoutError,
+    StreamStalledError,
 )
 from ._health import HealthReport, KeyHealth, Probe
 from ._openai import AsyncPooledOpenAI, PooledOpenAI
@@ -43,6 +43,6 @@ __all__ = [
     "PooledOpenAI",
     "Probe",
     "StreamInterruptedError",
-    "StreamTimeoutError",
+    "StreamStalledError",
     "run_batch",
 ]

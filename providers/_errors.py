@@ -5,9 +5,9 @@ must keep working when the client underneath is pooled. So each refusal is raise
 plain client raises for the same situation, with a real ``response`` (status, ``retry-after``
 header, an OpenAI-style error body) and the real ``request``, and is also a
 :class:`keypool.NoKeyAvailable` carrying the pool's view (``provider``, ``reason``,
-``retry_after``). A stream that breaks after data reached the caller is what the plain client
-raises then, ``openai.APIConnectionError`` (``APITimeoutError`` when it went silent), and also a
-:class:`keypool.StreamInterrupted`.
+``retry_after``). A stream that breaks after content reached the caller and cannot be finished is
+the ``openai.APIConnectionError`` (``APITimeoutError`` for a stall) a plain client raises for it,
+and also a :class:`keypool.StreamInterrupted`.
 
 =========================================  =========================================  ======
 why no key can serve (``reason``)          raised as                                  status
@@ -40,7 +40,7 @@ __all__ = [
     "PoolTimeoutError",
     "PoolUnavailableError",
     "StreamInterruptedError",
-    "StreamTimeoutError",
+    "StreamStalledError",
     "openai_error",
 ]
 
@@ -84,14 +84,14 @@ class PoolTimeoutError(NoKeyAvailableError, openai.APITimeoutError):
 
 
 class StreamInterruptedError(StreamInterrupted, openai.APIConnectionError):
-    """A stream broke after part of it reached the caller: the ``openai.APIConnectionError`` the
-    plain client raises for it, also a :class:`keypool.StreamInterrupted` (``provider``,
-    ``key_id``, ``reason``)."""
+    """A stream broke after part of it reached the caller and could not be finished: the
+    ``openai.APIConnectionError`` the plain client raises for a cut stream, also a
+    :class:`keypool.StreamInterrupted` (``provider``, ``key_id``, ``reason``, ``delivered``)."""
 
 
-class StreamTimeoutError(StreamInterruptedError, openai.APITimeoutError):
+class StreamStalledError(StreamInterruptedError, openai.APITimeoutError):
     """A stream went silent after part of it reached the caller: ``openai.APITimeoutError``, as
-    for the plain client, and a :class:`StreamInterruptedError`."""
+    the plain client raises for a read timeout, and a :class:`StreamInterruptedError`."""
 
 
 _STATUS: dict[str, tuple[int, type[NoKeyAvailableError]]] = {
@@ -123,11 +123,11 @@ def openai_error(error: KeyPoolError, request: httpx2.Request) -> BaseException:
         return error
     message = str(error)
     if isinstance(error, StreamInterrupted):
-        silent = isinstance(error.__cause__, TimeoutError | httpx2.TimeoutException)
-        kind = StreamTimeoutError if silent else StreamInterruptedError
+        kind = StreamStalledError if error.stalled else StreamInterruptedError
         broken = kind.__new__(kind)
         broken.provider, broken.key_id, broken.reason = error.provider, error.key_id, error.reason
-        openai.APIConnectionError.__init__(broken, message=message, request=request)
+        broken.delivered, broken.stalled = error.delivered, error.stalled
+        openai.APIError.__init__(broken, message, request, body=None)
         return broken
     if not isinstance(error, NoKeyAvailable):
         return error

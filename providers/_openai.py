@@ -16,8 +16,15 @@ attempt and fails over between keys. What the plain client's options mean, they 
   (see :mod:`providers._errors`), and also a :class:`keypool.KeyPoolError`.
 
 keypool's own settings (``max_wait``, ``headers_timeout``, ``attempt_timeout``,
-``stream_idle_timeout``, ``max_attempts``) are keyword arguments of the constructor and of
+``stream_idle_timeout``, ``first_token_timeout``, ``stream_timeout``, ``max_attempts``,
+``max_continuations``, ``prefill``) are keyword arguments of the constructor and of
 ``with_options``; the README's table lists every one with its default.
+
+Streams: nothing reaches the caller before the first content delta, so a stream that breaks or
+waits too long before it moves to another key unseen; a chat answer that breaks after content is
+continued on another key where the route takes a prefill (``prefill="deepseek"`` for DeepSeek by
+default, ``prefill="assistant"`` opt-in for servers that continue a trailing assistant message),
+see :mod:`keypool._stream`.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ from keypool import (
     SyncKeyPoolTransport,
 )
 from keypool._config import keys_from
+from keypool._continuation import continuation_body, continuation_path
 from keypool._policy import EXTENSION
+from keypool._sse import grammar_of
 
 from ._batch import BatchItem, Progress, run_batch
 from ._env import keys_from_env
@@ -51,7 +60,17 @@ __all__ = ["AsyncPooledOpenAI", "NoKeyAvailableError", "PooledOpenAI"]
 
 _PLACEHOLDER_KEY = "keypool-managed"  # openai insists on an api_key; the transport sets the real one
 _UNSET: Any = object()
-_KNOBS = ("max_attempts", "max_wait", "headers_timeout", "attempt_timeout", "stream_idle_timeout")
+_KNOBS = (
+    "max_attempts",
+    "max_wait",
+    "headers_timeout",
+    "attempt_timeout",
+    "stream_idle_timeout",
+    "first_token_timeout",
+    "stream_timeout",
+    "max_continuations",
+    "prefill",
+)
 
 # Only the completions endpoints end their event streams with ``data: [DONE]``; the Responses API
 # (and other event streams) end after their last event, so a missing ``[DONE]`` there is no failure.
@@ -126,6 +145,26 @@ class _PooledSettings:
             "http_client": http,
             "max_retries": retries,
         }
+
+    def continuation(self, request: Mapping[str, Any], delivered: str) -> tuple[Any, dict[str, Any]]:
+        """How this route continues an answer broken elsewhere: the client to call (a copy on
+        DeepSeek's beta API for its prefix completion) and the ``chat.completions.create``
+        arguments, ``request``'s with ``delivered`` as the assistant prefill. Splice the chunks
+        with :class:`keypool.Splice` (``.chunk``). ConfigError if the route takes no prefill."""
+        prefill = self.keypool_settings.prefill
+        if prefill is None:
+            raise ConfigError(
+                f"prefill: provider {self.provider!r} takes none here, so it cannot continue an answer; "
+                "allowed: 'deepseek', 'assistant'"
+            )
+        kwargs = continuation_body(request, delivered, prefill)
+        client: Any = self
+        url: httpx2.URL = self.base_url  # type: ignore[attr-defined]
+        path = continuation_path(f"{url.path.rstrip('/')}/chat/completions", prefill)
+        beta = path.removesuffix("/chat/completions") + "/"
+        if beta != url.path:
+            client = self.with_options(base_url=url.copy_with(path=beta))  # type: ignore[attr-defined]
+        return client, kwargs
 
     def _make_transport(self, inner: Any, sync: bool, *, close_inner: bool = True) -> Any:
         kind = SyncKeyPoolTransport if sync else KeyPoolTransport
@@ -205,10 +244,10 @@ class _PooledSettings:
         """Tell the transport this call's settings, and whether it streams."""
         data = getattr(options, "json_data", None)
         stream = isinstance(data, Mapping) and data.get("stream") is True
-        request.extensions = {
-            **request.extensions,
-            EXTENSION: {"settings": self.keypool_settings, "stream": stream},
-        }
+        mark: dict[str, Any] = {"settings": self.keypool_settings, "stream": stream}
+        if stream:
+            mark["grammar"] = grammar_of(request.url.path)
+        request.extensions = {**request.extensions, EXTENSION: mark}
         return request
 
     @classmethod
@@ -302,7 +341,11 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
         max_wait: float | None = _UNSET,
         headers_timeout: float | str | None = _UNSET,
         attempt_timeout: float | None = _UNSET,
-        stream_idle_timeout: float | None = _UNSET,
+        stream_idle_timeout: float | str | None = _UNSET,
+        first_token_timeout: float | None = _UNSET,
+        stream_timeout: float | None = _UNSET,
+        max_continuations: int = _UNSET,
+        prefill: str | None = _UNSET,
         transport: httpx2.AsyncBaseTransport | None = None,
         http_client: httpx2.AsyncClient | None = None,
         _keypool: Any = None,
@@ -323,6 +366,10 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
             "headers_timeout": headers_timeout,
             "attempt_timeout": attempt_timeout,
             "stream_idle_timeout": stream_idle_timeout,
+            "first_token_timeout": first_token_timeout,
+            "stream_timeout": stream_timeout,
+            "max_continuations": max_continuations,
+            "prefill": prefill,
         }
         options = self._setup(
             api_key=api_key,
@@ -347,7 +394,11 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
         max_wait: float | None = _UNSET,
         headers_timeout: float | str | None = _UNSET,
         attempt_timeout: float | None = _UNSET,
-        stream_idle_timeout: float | None = _UNSET,
+        stream_idle_timeout: float | str | None = _UNSET,
+        first_token_timeout: float | None = _UNSET,
+        stream_timeout: float | None = _UNSET,
+        max_continuations: int = _UNSET,
+        prefill: str | None = _UNSET,
         _extra_kwargs: Mapping[str, Any] = {},
         **kwargs: Any,
     ) -> AsyncPooledOpenAI:
@@ -358,6 +409,10 @@ class AsyncPooledOpenAI(_PooledSettings, openai.AsyncOpenAI):
             "headers_timeout": headers_timeout,
             "attempt_timeout": attempt_timeout,
             "stream_idle_timeout": stream_idle_timeout,
+            "first_token_timeout": first_token_timeout,
+            "stream_timeout": stream_timeout,
+            "max_continuations": max_continuations,
+            "prefill": prefill,
         }
         extra = self._copy_args(knobs, api_key, http_client, max_retries, _extra_kwargs)
         copied: AsyncPooledOpenAI = super().copy(max_retries=max_retries, _extra_kwargs=extra, **kwargs)
@@ -418,7 +473,11 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
         max_wait: float | None = _UNSET,
         headers_timeout: float | str | None = _UNSET,
         attempt_timeout: float | None = _UNSET,
-        stream_idle_timeout: float | None = _UNSET,
+        stream_idle_timeout: float | str | None = _UNSET,
+        first_token_timeout: float | None = _UNSET,
+        stream_timeout: float | None = _UNSET,
+        max_continuations: int = _UNSET,
+        prefill: str | None = _UNSET,
         transport: httpx2.BaseTransport | None = None,
         http_client: httpx2.Client | None = None,
         _keypool: Any = None,
@@ -439,6 +498,10 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
             "headers_timeout": headers_timeout,
             "attempt_timeout": attempt_timeout,
             "stream_idle_timeout": stream_idle_timeout,
+            "first_token_timeout": first_token_timeout,
+            "stream_timeout": stream_timeout,
+            "max_continuations": max_continuations,
+            "prefill": prefill,
         }
         options = self._setup(
             api_key=api_key,
@@ -463,7 +526,11 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
         max_wait: float | None = _UNSET,
         headers_timeout: float | str | None = _UNSET,
         attempt_timeout: float | None = _UNSET,
-        stream_idle_timeout: float | None = _UNSET,
+        stream_idle_timeout: float | str | None = _UNSET,
+        first_token_timeout: float | None = _UNSET,
+        stream_timeout: float | None = _UNSET,
+        max_continuations: int = _UNSET,
+        prefill: str | None = _UNSET,
         _extra_kwargs: Mapping[str, Any] = {},
         **kwargs: Any,
     ) -> PooledOpenAI:
@@ -474,6 +541,10 @@ class PooledOpenAI(_PooledSettings, openai.OpenAI):
             "headers_timeout": headers_timeout,
             "attempt_timeout": attempt_timeout,
             "stream_idle_timeout": stream_idle_timeout,
+            "first_token_timeout": first_token_timeout,
+            "stream_timeout": stream_timeout,
+            "max_continuations": max_continuations,
+            "prefill": prefill,
         }
         extra = self._copy_args(knobs, api_key, http_client, max_retries, _extra_kwargs)
         copied: PooledOpenAI = super().copy(max_retries=max_retries, _extra_kwargs=extra, **kwargs)

@@ -42,7 +42,8 @@ class _DeepSeekSettings:
     require_stream_terminator: ClassVar[bool] = True
     # DeepSeek answers at once and keeps a waiting call alive with empty lines (or ``: keep-alive``
     # comments when streaming), so a key that sends no headers within 30 s is failed over.
-    default_settings: ClassVar[CallSettings] = CallSettings(headers_timeout=30.0)
+    # A broken answer is finished with DeepSeek's chat prefix completion (its beta API).
+    default_settings: ClassVar[CallSettings] = CallSettings(headers_timeout=30.0, prefill="deepseek")
 
 
 class AsyncDeepSeek(_DeepSeekSettings, AsyncPooledOpenAI):

@@ -41,6 +41,8 @@ from keypool import (
     LoadShed,
     NoKeyAvailable,
     RequestBudget,
+    Splice,
+    StreamInterrupted,
     classify_exception,
     request_budget,
 )
@@ -82,6 +84,9 @@ class ChatRoute:
 
     def model_for(self, model: str) -> str:
         return self.models.get(model, model)
+
+
+_Leg = tuple[ChatRoute, str]  # a route and the provider's model name it is asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +135,12 @@ class AgentStream:
     wraps (the same :class:`ChatCompletionChunk` objects), use it as a context manager, or
     ``close()`` it. Routes were failed over before its first content token; ``provider``,
     ``key_id``, ``attempts`` and ``fallbacks`` say who served; ``model`` is the model that answered
-    and ``usage`` the serving route's, once its final chunk has arrived."""
+    and ``usage`` the serving route's, once its final chunk has arrived.
+
+    A stream that breaks after content, once its own provider could not finish it, is continued on
+    the next routes that take a prefill (``continued_by`` names them): the caller reads one answer
+    with one ``id``. If none can, the original break is raised (an ``openai.APIError`` that is also
+    a :class:`keypool.StreamInterrupted`)."""
 
     def __init__(
         self,
@@ -143,6 +153,9 @@ class AgentStream:
         key_id: str,
         attempts: int,
         fallbacks: tuple[str, ...],
+        onward: Sequence[_Leg] = (),
+        request: Mapping[str, Any] | None = None,
+        max_continuations: int = 0,
     ) -> None:
         self.stream = stream
         self._head = head
@@ -153,6 +166,14 @@ class AgentStream:
         self.attempts = attempts
         self.fallbacks = fallbacks
         self.usage: CompletionUsage | None = None
+        self.continued_by: list[str] = []
+        self._onward = list(onward)
+        self._request = dict(request or {})
+        self._left = max_continuations
+        self._first: ChatCompletionChunk | None = None
+        self._text: list[str] = []
+        self._plain = True  # one choice of plain content so far: a prefill can finish it
+        self._open: list[AsyncStream[ChatCompletionChunk]] = [stream]
         for chunk in head:
             self._note(chunk)
 
@@ -162,10 +183,23 @@ class AgentStream:
         return self.stream.response
 
     def _note(self, chunk: ChatCompletionChunk) -> None:
+        if self._first is None:
+            self._first = chunk
         if chunk.model:
             self.model = chunk.model
         if chunk.usage is not None:
             self.usage = chunk.usage
+        for choice in chunk.choices:
+            delta = choice.delta
+            if (
+                choice.index
+                or delta.tool_calls
+                or delta.function_call
+                or getattr(delta, "reasoning_content", None)
+            ):
+                self._plain = False
+            elif delta.content:
+                self._text.append(delta.content)
 
     def __aiter__(self) -> AgentStream:
         return self
@@ -173,12 +207,36 @@ class AgentStream:
     async def __anext__(self) -> ChatCompletionChunk:
         if self._head:
             return self._head.pop(0)
-        chunk = await self._rest.__anext__()
-        self._note(chunk)
-        return chunk
+        while True:
+            try:
+                chunk = await self._rest.__anext__()
+            except StreamInterrupted as broke:
+                self._rest = await self._continue(broke)
+                continue
+            self._note(chunk)
+            return chunk
+
+    async def _continue(self, broke: StreamInterrupted) -> AsyncIterator[ChatCompletionChunk]:
+        """The rest of the answer from the next route that can finish it, or the break itself."""
+        delivered = "".join(self._text)
+        while self._left > 0 and self._onward and self._plain and delivered and self._first is not None:
+            route, model = self._onward.pop(0)
+            if route.client.keypool_settings.prefill is None:
+                continue  # this route cannot take the text so far as a prefill
+            self._left -= 1
+            try:
+                client, kwargs = route.client.continuation({**self._request, "model": model}, delivered)
+                stream = await client.chat.completions.create(**kwargs, stream=True)
+            except (openai.APIError, KeyPoolError, httpx2.TransportError):
+                continue  # refused (a 400 to the prefill, no key): the next route, else the break
+            self._open.append(stream)
+            self.continued_by.append(route.name)
+            return _spliced(stream, Splice(self._first.id, self._first.model, self._first.created))
+        raise broke
 
     async def close(self) -> None:
-        await self.stream.close()
+        for stream in self._open:
+            await stream.close()
 
     async def __aenter__(self) -> AgentStream:
         return self
@@ -190,6 +248,13 @@ class AgentStream:
 
     def __repr__(self) -> str:
         return f"AgentStream(provider={self.provider!r}, model={self.model!r}, key_id={self.key_id!r})"
+
+
+async def _spliced(
+    stream: AsyncStream[ChatCompletionChunk], splice: Splice
+) -> AsyncIterator[ChatCompletionChunk]:
+    async for chunk in stream:
+        yield cast("ChatCompletionChunk", splice.chunk(chunk))
 
 
 class ToolServer(Protocol):
@@ -225,16 +290,14 @@ def _has_content(chunk: ChatCompletionChunk) -> bool:
     return chunk.usage is not None
 
 
-_Leg = tuple[ChatRoute, str]  # a route and the provider's model name it is asked for
-
-
 class UnifiedAgent:
     """Chat across providers in order, tools through their breakers, and shed load by priority.
 
     ``timeout`` is the whole call's deadline (every attempt, wait and fallback), ``max_attempts``
     its attempt budget; ``max_wait`` is how long a route that is not the last may wait for a
     throttle or a recovery before the next route is tried instead (the last route waits as long as
-    its provider's ``max_wait``).
+    its provider's ``max_wait``). ``max_continuations``: how many other routes may be asked to finish
+    a streamed answer that broke after content (each a prefill of the text so far).
     """
 
     def __init__(
@@ -246,6 +309,7 @@ class UnifiedAgent:
         max_attempts: int = 6,
         timeout: float | None = 600.0,
         max_wait: float = 1.0,
+        max_continuations: int = 2,
     ) -> None:
         if not routes:
             raise ConfigError("routes: at least one chat provider is required")
@@ -258,12 +322,19 @@ class UnifiedAgent:
             raise ConfigError(f"timeout: must be a number of seconds > 0, or None (got {timeout!r})")
         if not max_wait >= 0:
             raise ConfigError(f"max_wait: must be a number of seconds >= 0 (got {max_wait!r})")
+        if (
+            isinstance(max_continuations, bool)
+            or not isinstance(max_continuations, int)
+            or max_continuations < 0
+        ):
+            raise ConfigError(f"max_continuations: must be an integer >= 0 (got {max_continuations!r})")
         self.routes = tuple(routes)
         self.tools = {t.name: t for t in tools}
         self.shedding = shedding or SheddingPolicy()
         self.max_attempts = max_attempts
         self.timeout = timeout
         self.max_wait = max_wait
+        self.max_continuations = max_continuations
         self._hasty: dict[int, AsyncPooledOpenAI] = {}
         self.accepted: Counter[str] = Counter()
         self.shed: Counter[str] = Counter()
@@ -388,7 +459,10 @@ class UnifiedAgent:
                     client = self._client(current, final and current is route)
                     try:
                         if stream:
-                            return await self._stream(client, current, asked, sent, options, budget, tried)
+                            onward = [(r, r.model_for(model)) for r in order[index + 1 :]]
+                            return await self._stream(
+                                client, current, asked, sent, options, budget, tried, onward
+                            )
                         response = await client.chat.completions.create(model=asked, messages=sent, **options)
                     except openai.APIStatusError as exc:
                         if context_length_exceeded(exc) and current.on_context_length is not None:
@@ -427,6 +501,7 @@ class UnifiedAgent:
         options: Mapping[str, Any],
         budget: RequestBudget,
         tried: list[str],
+        onward: Sequence[_Leg],
     ) -> AgentStream:
         """Open a stream on one route and read it up to its first content token: a failure before
         that is invisible to the caller, so it raises here and the next route is tried."""
@@ -451,6 +526,9 @@ class UnifiedAgent:
             key_id=key_id,
             attempts=budget.attempts_used,
             fallbacks=self._passed_over(route, tried),
+            onward=onward,
+            request={"messages": messages, **options},
+            max_continuations=self.max_continuations,
         )
 
     def _exhausted(

@@ -1,7 +1,8 @@
 """Streaming through the provider clients: what a broken, stalled or truncated stream means for a key.
 
-Over a real socket (``LoopbackServer``) bytes reach the caller while the body is still arriving, so a
-break after the first byte is not retried (it raises ``keypool.StreamInterrupted``) while a break
+Over a real socket (``LoopbackServer``) content reaches the caller while the body is still arriving,
+so a break after the first content delta is not retried: with continuation off (these tests; see
+``tests/test_streams.py`` for continuation) it raises ``keypool.StreamInterrupted``, while a break
 before it fails over. In-process (``httpx2.ASGITransport``) bodies are buffered, so every cut lands
 before the first byte and fails over.
 """
@@ -74,6 +75,7 @@ class Rig:
 
     async def stream(self, text: str = TEXT, client: Any = None) -> Received:
         client = client if client is not None else self.client
+        client = client.with_options(max_continuations=0)
         if isinstance(client, openai.OpenAI):
             return await anyio.to_thread.run_sync(partial(sync_stream, client, text))
         return await async_stream(client, text)
@@ -194,10 +196,11 @@ async def test_cut_after_bytes_reached_the_caller_raises_and_is_not_retried(rig:
     assert got.text  # part of it arrived, not all
     assert TEXT.startswith(got.text)
     assert got.text != TEXT
-    assert rig.upstream.total_requests() == 1  # no retry once bytes were delivered
+    assert rig.upstream.total_requests() == 1  # no retry once content was delivered
     key_id = cause.key_id
     assert cause.provider == "deepseek"
-    assert "not retried" in str(cause)
+    assert "not continued" in str(cause)
+    assert cause.delivered == len(got.text)
     assert rig.stats(key_id)["failure_count"] == 1
     assert rig.counters(key_id).cut == 1
     assert rig.totals() == (0, 1)
@@ -213,10 +216,7 @@ async def test_stream_that_stalls_fails_clearly_and_counts_against_the_key(rig: 
     assert IDLE <= elapsed < IDLE + 2.0
     cause = interrupted(got.error)
     assert cause is not None, repr(got.error)
-    if rig.kind == "async-loopback":
-        assert f"no data for {IDLE} s" in str(cause)
-    else:
-        assert "ReadTimeout" in str(cause)
+    assert f"stalled: no data for {IDLE} s" in str(cause)
     assert rig.upstream.total_requests() == 1
     assert rig.stats(cause.key_id)["failure_count"] == 1
     assert rig.counters(cause.key_id).stalled == 1
@@ -255,13 +255,25 @@ async def test_every_key_stalling_before_the_first_byte_sync(make_rig: Callable[
 
 
 @pytest.mark.anyio
-async def test_stream_without_done_is_a_failure_for_deepseek(rig: Rig) -> None:
-    rig.upstream.set_default_fault(Fault.cut_stream(after_chunks=1000, mode="truncate"))
+async def test_stream_without_done_after_a_finish_is_a_success_for_deepseek(rig: Rig) -> None:
+    # Every chunk, finish_reason included, arrived; only [DONE] is missing: the plain client takes
+    # that as the end, and so does the pool (it is no key's failure).
+    rig.upstream.set_default_fault(Fault.no_done())
+    got = await rig.stream()
+    assert (got.text, got.error) == (TEXT, None)
+    assert rig.upstream.total_requests() == 1
+    assert rig.totals() == (1, 0)
+
+
+@pytest.mark.anyio
+async def test_stream_ending_without_a_finish_reason_is_a_failure(rig: Rig) -> None:
+    rig.upstream.set_default_fault(Fault.cut_after_tokens(3, mode="truncate"))
     got = await rig.stream()
     cause = interrupted(got.error)
     assert cause is not None, repr(got.error)
-    assert "[DONE]" in str(cause)
-    assert got.text == TEXT  # every chunk arrived; only the terminator is missing
+    assert "without a finish_reason" in str(cause)
+    assert TEXT.startswith(got.text)
+    assert got.text != TEXT
     assert rig.upstream.total_requests() == 1
     assert rig.stats(cause.key_id)["failure_count"] == 1
     assert rig.totals() == (0, 1)
@@ -331,8 +343,8 @@ async def test_streamed_responses_api_ends_cleanly_without_done(
         assert kinds[-1] == "response.completed"
         rows = client.pool.stats("openai")
         assert (sum(r["total_successes"] for r in rows), sum(r["total_failures"] for r in rows)) == (1, 0)
-        # A chat stream on the same client is still checked for its terminator.
-        upstream.set_default_fault(Fault.cut_stream(after_chunks=1000, mode="truncate"))
+        # A chat stream on the same client still needs its finish_reason.
+        upstream.set_default_fault(Fault.cut_after_tokens(3, mode="truncate"))
         got = await async_stream(client, TEXT)
         assert interrupted(got.error) is not None
 
@@ -352,7 +364,7 @@ async def test_streams_that_succeed_reset_the_failure_count(rig: Rig) -> None:
 async def test_no_secret_in_stream_errors_or_logs(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     texts: list[str] = []
-    for fault in (Fault.cut_stream(after_chunks=2), Fault.cut_stream(after_chunks=1000, mode="truncate")):
+    for fault in (Fault.cut_stream(after_chunks=2), Fault.cut_after_tokens(3, mode="truncate")):
         rig.upstream.set_default_fault(fault)
         got = await rig.stream()
         assert got.error is not None

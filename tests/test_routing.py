@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from keypool import BreakerConfig, KeyPool, KeySpec
+from keypool import BreakerConfig, KeyPool, KeySpec, StreamInterrupted
 from keypool.testing import FakeClock, FakeUpstream, Fault, LoopbackServer
 from providers import AsyncDeepSeek, AsyncPerplexity
 from providers.unified import AgentResponse, AgentStream, ChatRoute, UnifiedAgent
@@ -403,3 +404,77 @@ async def test_a_healed_provider_gets_its_trials_first_even_while_the_fallback_i
     finally:
         await rig.deepseek.close()
         await rig.perplexity.close()
+
+
+# -- a stream broken after content, finished on another route -------------------------------------
+
+ANSWER = "the quick brown fox jumps over the lazy dog and runs far away into the woods"
+
+
+async def read_into(agent: UnifiedAgent, chunks: list[Any]) -> None:
+    async with await agent.chat(model="deepseek-chat", messages=messages(ANSWER), stream=True) as streamed:
+        async for chunk in streamed:
+            chunks.append(chunk)
+
+
+@asynccontextmanager
+async def on_loopback() -> AsyncIterator[Rig]:
+    """The rig with both upstreams on loopback ports, in real time: a stream cut mid-way is then
+    cut on the wire (in-process, the ASGI transport reads a whole body before it answers)."""
+    rig = build()
+    async with LoopbackServer(rig.ds) as ds_server, LoopbackServer(rig.px) as px_server:
+        rig.deepseek = AsyncDeepSeek(pool=rig.pool, base_url=ds_server.base_url)
+        rig.perplexity = AsyncPerplexity(pool=rig.pool, base_url=px_server.base_url)
+        try:
+            yield rig
+        finally:
+            await rig.deepseek.close()
+            await rig.perplexity.close()
+
+
+async def agent_stream_text(agent: UnifiedAgent) -> tuple[AgentStream, list[Any]]:
+    chunks: list[Any] = []
+    async with await agent.chat(model="deepseek-chat", messages=messages(ANSWER), stream=True) as streamed:
+        async for chunk in streamed:
+            chunks.append(chunk)
+    return streamed, chunks
+
+
+async def test_a_stream_cut_after_content_is_finished_by_the_next_route_as_one_answer() -> None:
+    async with on_loopback() as rig:
+        rig.px.set_default_fault(Fault.cut_after_tokens(4))  # Perplexity takes no prefill
+        agent = UnifiedAgent([ChatRoute(rig.perplexity, models=MODELS), ChatRoute(rig.deepseek)])
+        streamed, chunks = await agent_stream_text(agent)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert {c.id for c in chunks} == {chunks[0].id}  # one answer, whoever wrote which part
+    assert streamed.provider == "perplexity"
+    assert streamed.continued_by == ["deepseek"]
+    assert sum(rig.ds.counters(s).prefills for s in DEEPSEEK.values()) == 1
+
+
+async def test_a_fallback_that_refuses_the_prefill_leaves_the_caller_the_original_break() -> None:
+    chunks: list[Any] = []
+    async with on_loopback() as rig:
+        rig.px.set_default_fault(Fault.cut_after_tokens(4))
+        rig.ds.set_default_fault(Fault.rejects_prefill())
+        agent = UnifiedAgent([ChatRoute(rig.perplexity, models=MODELS), ChatRoute(rig.deepseek)])
+        with pytest.raises(openai.APIConnectionError) as info:  # what the plain client raises
+            await read_into(agent, chunks)
+    assert not isinstance(info.value, openai.BadRequestError)  # never the prefill's 400
+    assert isinstance(info.value, StreamInterrupted)
+    assert info.value.provider == "perplexity"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert text != ANSWER  # the break is raised: a truncated answer never passes for complete
+    assert all(s["state"] == "closed" for s in rig.pool.stats("deepseek"))  # the 400 blames no key
+
+
+async def test_no_continuation_when_the_agent_allows_none() -> None:
+    async with on_loopback() as rig:
+        rig.px.set_default_fault(Fault.cut_after_tokens(4))
+        agent = UnifiedAgent(
+            [ChatRoute(rig.perplexity, models=MODELS), ChatRoute(rig.deepseek)], max_continuations=0
+        )
+        with pytest.raises(StreamInterrupted):
+            await agent_stream_text(agent)
+    assert rig.ds.total_requests() == 0

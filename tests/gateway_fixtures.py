@@ -38,9 +38,9 @@ def _hash(key: str) -> str:
     return hash_caller_key(key, n=2**10)
 
 
-def config_data(a_url: str, b_url: str, **gateway: Any) -> dict[str, Any]:
+def config_data(a_url: str, b_url: str, prefill: str | None = None, **gateway: Any) -> dict[str, Any]:
     breaker = {"failure_threshold": 2, "timeout": 60}
-    return {
+    data: dict[str, Any] = {
         "gateway": {"request_timeout": 20, **gateway},
         "providers": [
             {
@@ -77,6 +77,10 @@ def config_data(a_url: str, b_url: str, **gateway: Any) -> dict[str, Any]:
             {"name": "chatter", "key_hash": _hash(CHAT_ONLY_KEY), "models": ["chat"], "priority": "normal"},
         ],
     }
+    if prefill is not None:
+        for provider in data["providers"]:
+            provider["prefill"] = prefill
+    return data
 
 
 class Recorder:
@@ -127,12 +131,14 @@ class Running:
 
 @contextmanager
 def running_gateway(
-    transports: Mapping[str, httpx2.AsyncBaseTransport] | None = None, **gateway: Any
+    transports: Mapping[str, httpx2.AsyncBaseTransport] | None = None,
+    prefill: str | None = None,
+    **gateway: Any,
 ) -> Iterator[Running]:
     alpha, beta = FakeUpstream(A_SECRETS), FakeUpstream(B_SECRETS)
     recorder = Recorder(alpha)
     with LoopbackServer(recorder) as a_server, LoopbackServer(beta) as b_server:
-        data = config_data(f"{a_server.base_url}/v1", f"{b_server.base_url}/v1", **gateway)
+        data = config_data(f"{a_server.base_url}/v1", f"{b_server.base_url}/v1", prefill, **gateway)
         config = gateway_config_from_mapping(data, {}, "test")
         app, _ = build_gateway(config, token=ADMIN_TOKEN, allow_no_token=False, transports=transports)
         with LoopbackServer(app) as server:

@@ -11,7 +11,8 @@ import httpx2
 import openai
 import pytest
 
-from keypool.testing import Fault
+from keypool.testing import FakeUpstream, Fault, LoopbackServer
+from providers.gateway import build_gateway, gateway_config_from_mapping, hash_caller_key
 from tests.gateway_fixtures import (
     A_SECRETS,
     ADMIN_TOKEN,
@@ -262,6 +263,28 @@ def test_a_stream_cut_after_bytes_ends_with_an_error_event(gw: Running) -> None:
     assert gw.in_flight() == 0
 
 
+def test_a_stream_cut_after_content_is_continued_on_a_route_that_takes_a_prefill() -> None:
+    with running_gateway(prefill="assistant") as gw2:
+        for secret in A_SECRETS:  # each key's first answer breaks after two deltas
+            gw2.alpha.set_fault(secret, Fault.sequence(Fault.cut_stream(after_chunks=3), then=Fault.ok()))
+        words = "one two three four five six seven"
+        with openai.OpenAI(base_url=gw2.url, api_key=CRITICAL_KEY, max_retries=0, timeout=15) as c:
+            chunks = list(
+                c.chat.completions.create(
+                    model="chat", messages=[{"role": "user", "content": words}], stream=True
+                )
+            )
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == words  # one answer, nothing lost or repeated
+        assert len({ch.id for ch in chunks}) == 1  # spliced into the same answer
+        assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.role) == 1
+        assert any(ch.choices and ch.choices[0].finish_reason == "stop" for ch in chunks)
+        prefills = sum(gw2.alpha.counters(s).prefills for s in A_SECRETS)
+        prefills += sum(gw2.beta.counters(s).prefills for s in B_SECRETS)
+        assert prefills >= 1
+        assert _wait_until(lambda: gw2.in_flight() == 0)
+
+
 def test_health_admin_and_metrics_on_the_same_port(gw: Running) -> None:
     with raw(gw, None) as http:
         health = http.get("/healthz")
@@ -309,3 +332,31 @@ def test_access_log_names_callers_not_keys(gw: Running, caplog: pytest.LogCaptur
     assert served["provider"] == "alpha"
     assert any(line["status"] == 401 for line in logged)
     assert_clean(caplog.text)
+
+
+def test_deepseek_continues_on_its_beta_api_with_a_prefix_message() -> None:
+    key = "kp-0000abcd-deepseek-continuation-key-x"
+    upstream = FakeUpstream(["sk-ds-1", "sk-ds-2"], flavor="deepseek")
+    for secret in ("sk-ds-1", "sk-ds-2"):
+        upstream.set_fault(secret, Fault.sequence(Fault.cut_stream(after_chunks=3), then=Fault.ok()))
+    with LoopbackServer(upstream) as server:
+        provider = {"name": "deepseek", "base_url": f"{server.base_url}/v1", "keys": ["sk-ds-1", "sk-ds-2"]}
+        config = gateway_config_from_mapping(
+            {
+                "providers": [{**provider, "prefill": "deepseek"}],
+                "models": {"chat": {"routes": [{"provider": "deepseek", "model": "deepseek-chat"}]}},
+                "callers": [{"name": "svc", "key_hash": hash_caller_key(key, n=2**10)}],
+            }
+        )
+        app, _ = build_gateway(config, token="t" * 32, allow_no_token=False)
+        words = "alpha beta gamma delta epsilon zeta"
+        with (
+            LoopbackServer(app) as gateway,
+            openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=key, max_retries=0, timeout=15) as c,
+        ):
+            stream = c.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": words}], stream=True
+            )
+            text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == words
+    assert sum(upstream.counters(s).prefills for s in ("sk-ds-1", "sk-ds-2")) >= 1

@@ -48,6 +48,7 @@ def with_change(path: list[Any], value: Any) -> dict[str, Any]:
         (["gateway", "surprise"], 1, "gateway: unknown field"),
         (["providers", 0, "base_url"], "ftp://x", "providers[0] (alpha).base_url"),
         (["providers", 0, "responses"], "yes", "providers[0] (alpha).responses"),
+        (["providers", 0, "prefill"], "magic", "providers[0] (alpha).prefill"),
         (["providers", 1, "name"], "alpha", "providers[1] (alpha).name"),
         (["providers", 0, "keys"], KeyError, "providers[0] (alpha): no keys"),
         (["models", "chat", "routes"], [], "models.chat.routes"),

@@ -2,7 +2,8 @@
 
 Request bodies go upstream byte for byte but for the ``model`` value; answers come back as the
 upstream sent them, with ``x-keypool-provider``, ``x-keypool-key-id``, ``x-keypool-attempts``,
-``x-keypool-model`` and ``x-request-id`` added. A client that disconnects cancels the upstream
+``x-keypool-model`` and ``x-request-id`` added; a chat stream that breaks after content is
+continued where a route takes a prefill (``_streams``). A client that disconnects cancels the upstream
 attempt (its key is released, blamed on nobody). Admin paths (``/api/...``, ``/metrics``) go to
 the admin app when one is mounted. One JSON access-log line per request names the caller by its
 configured name and never carries a key.
@@ -22,7 +23,15 @@ from typing import Any
 import anyio
 import httpx2
 
-from keypool import Capacity, KeyPool, KeyPoolError, KeyPoolTransport
+from keypool import (
+    Capacity,
+    KeyPool,
+    KeyPoolError,
+    KeyPoolTransport,
+    continuation_body,
+    continuation_path,
+    grammar_of,
+)
 
 from ._body import BadBody, RequestBody, parse_body
 from ._callers import Caller, CallerKeys
@@ -31,6 +40,7 @@ from ._errors import GatewayError, unauthorized
 from ._metrics import GatewayCounts
 from ._routing import Answer, Router
 from ._shedding import Shedder
+from ._streams import Continue, error_event, relay_events
 
 __all__ = ["Gateway"]
 
@@ -74,6 +84,7 @@ class _Entry:
     stream: bool = False
     ms: float = 0.0
     error: str | None = None
+    continued: int | None = None
 
     def fields(self) -> dict[str, Any]:
         return {name: value for name in _ENTRY_FIELDS if (value := getattr(self, name)) is not None}
@@ -312,13 +323,53 @@ class Gateway:
                 entry.key_id, entry.attempts = answer.key_id, answer.attempts
                 try:
                     entry.status = answer.response.status_code
-                    await _relay(answer, send, entry, body.stream)
+                    follow = self._continuation(upstream_path, body, model, routes, headers, entry)
+                    await _relay(answer, send, entry, body.stream, upstream_path, follow)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await answer.response.aclose()
             group.cancel_scope.cancel()
         if error is not None:
             raise error
+
+    def _continuation(
+        self,
+        upstream_path: str,
+        body: RequestBody,
+        model: ModelRoutes,
+        routes: tuple[Route, ...],
+        headers: Mapping[str, str],
+        entry: _Entry,
+    ) -> Continue | None:
+        """How a broken chat stream is continued: the model's routes whose provider takes a
+        prefill, in order, each with its own prefill style (``None`` when there is none)."""
+        able = [r for r in routes if self.config.upstreams[r.provider].prefill is not None]
+        if upstream_path != "/chat/completions" or not able:
+            return None
+
+        async def follow(delivered: str) -> httpx2.Response | None:
+            original = json.loads(body.text)
+            for route in able:
+                prefill = self.config.upstreams[route.provider].prefill
+                assert prefill is not None
+                base = self.clients[route.provider].base_url
+                url = str(
+                    base.copy_with(path=continuation_path(base.path.rstrip("/") + upstream_path, prefill))
+                )
+                again = parse_body(json.dumps(continuation_body(original, delivered, prefill)).encode())
+                caps = {route.provider: self.pool.capacity(route.provider)}
+                try:
+                    answer = await self.router.send(url, again, model, headers, (route,), caps)
+                except GatewayError:
+                    continue
+                if answer.response.status_code >= 400:
+                    await answer.response.aclose()
+                    continue
+                entry.attempts += answer.attempts
+                return answer.response
+            return None
+
+        return follow
 
 
 def parse_or_raise(raw: bytes) -> RequestBody:
@@ -404,7 +455,14 @@ def _answer_headers(answer: Answer, request_id: str) -> list[tuple[bytes, bytes]
     return out
 
 
-async def _relay(answer: Answer, send: Send, entry: _Entry, stream: bool) -> None:
+async def _relay(
+    answer: Answer,
+    send: Send,
+    entry: _Entry,
+    stream: bool,
+    upstream_path: str = "/chat/completions",
+    continue_with: Continue | None = None,
+) -> None:
     """Hand the upstream answer on: whole, or chunk by chunk as it arrives."""
     response = answer.response
     headers = _answer_headers(answer, entry.request_id)
@@ -415,18 +473,19 @@ async def _relay(answer: Answer, send: Send, entry: _Entry, stream: bool) -> Non
         await send({"type": "http.response.body", "body": content, "more_body": False})
         return
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    try:
-        async for chunk in response.aiter_raw():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except (KeyPoolError, httpx2.HTTPError) as exc:
-        # Bytes already reached the caller: say so in-band, as OpenAI's SDKs expect an error event.
+    grammar = grammar_of(upstream_path)
+    if grammar is None:
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (KeyPoolError, httpx2.HTTPError) as exc:
+            entry.error = "stream_interrupted"
+            await send(
+                {"type": "http.response.body", "body": error_event(type(exc).__name__), "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    broke, continued = await relay_events(response, send, grammar, continue_with)
+    entry.continued = continued or None
+    if broke is not None:
         entry.error = "stream_interrupted"
-        error = {
-            "message": f"The upstream stream broke after part of the answer was sent ({type(exc).__name__}).",
-            "type": "server_error",
-            "param": None,
-            "code": "stream_interrupted",
-        }
-        event = b"\n\ndata: " + json.dumps({"error": error}).encode() + b"\n\n"
-        await send({"type": "http.response.body", "body": event, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})

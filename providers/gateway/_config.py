@@ -15,6 +15,7 @@
     base_url = "https://api.deepseek.com/v1"
     keys_env = "DEEPSEEK_API_KEYS"
     responses = false                 # whether it serves POST /responses
+    prefill = "deepseek"              # optional: continues a broken stream ("deepseek", "assistant")
 
     [models.chat]                     # a public model name and its routes, tried in order
     routes = [{ provider = "deepseek", model = "deepseek-chat" },
@@ -40,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keypool import ConfigError, PoolConfig
+from keypool import ConfigError, PoolConfig, Prefill
 from keypool._config import validate
+from keypool._continuation import PREFILLS
 from keypool._serve import _provider
 
 from ._callers import PRIORITIES, Caller, parse_hash
@@ -49,7 +51,7 @@ from ._callers import PRIORITIES, Caller, parse_hash
 __all__ = ["GatewayConfig", "GatewaySettings", "ModelRoutes", "Route", "Upstream", "load_gateway_config"]
 
 _TOP = frozenset({"gateway", "providers", "models", "callers"})
-_UPSTREAM_FIELDS = frozenset({"base_url", "responses", "auth_header", "auth_scheme"})
+_UPSTREAM_FIELDS = frozenset({"base_url", "responses", "auth_header", "auth_scheme", "prefill"})
 _MODEL_FIELDS = frozenset({"routes", "on_context_length"})
 _ROUTE_FIELDS = frozenset({"provider", "model"})
 _CALLER_FIELDS = frozenset({"name", "key_hash", "models", "priority"})
@@ -86,6 +88,7 @@ class Upstream:
     responses: bool = False
     auth_header: str = "Authorization"
     auth_scheme: str | None = "Bearer"
+    prefill: Prefill | None = None  # how it continues a broken stream: "deepseek", "assistant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,10 @@ def _upstream(table: Mapping[str, Any], where: str) -> Upstream:
     scheme = table.get("auth_scheme", "Bearer")
     if scheme is not None and not isinstance(scheme, str):
         raise ConfigError(f"{where}.auth_scheme: expected a string ('' for none)")
-    return Upstream(str(name), url.rstrip("/"), responses, header, scheme or None)
+    prefill = table.get("prefill")
+    if prefill is not None and prefill not in PREFILLS:
+        raise ConfigError(f"{where}.prefill: must be one of {list(PREFILLS)} (got {prefill!r})")
+    return Upstream(str(name), url.rstrip("/"), responses, header, scheme or None, prefill)
 
 
 def _providers(data: Any, env: Mapping[str, str], source: str) -> tuple[PoolConfig, dict[str, Upstream]]:

@@ -340,10 +340,23 @@ def serve_admin(
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host``:``port`` (bound before "serving" is printed)."""
+    """A listening socket on ``host``:``port`` (bound before "serving" is printed).
+
+    ``proto=IPPROTO_TCP`` matters: asyncio turns on ``TCP_NODELAY`` for accepted sockets only when
+    their protocol says TCP, and without it a keep-alive client waits ~40 ms (Nagle against
+    delayed ACKs) for the body of every answer written after its headers.
+    """
     name = host.strip().strip("[]")
     family = socket.AF_INET6 if ":" in name else socket.AF_INET
-    return socket.create_server((name, port), family=family, backlog=2048)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((name, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _run(app: Any, sock: socket.socket) -> None:  # pragma: no cover - serves until interrupted

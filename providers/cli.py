@@ -1,7 +1,8 @@
-"""The ``keypool`` command: ``demo``, ``serve-admin``, ``study`` and ``tune``.
+"""The ``keypool`` command: ``demo``, ``serve``, ``serve-admin``, ``hash-key``, ``study`` and ``tune``.
 
 It lives in ``providers`` because it composes both layers: the demo drives a DeepSeek client,
-``serve-admin`` runs the core's admin API, ``study`` and ``tune`` run the core's simulator.
+``serve`` runs the gateway, ``serve-admin`` runs the core's admin API alone, ``hash-key`` makes
+caller keys for the gateway, ``study`` and ``tune`` run the core's simulator.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow mutations without a token (only when bound to loopback)",
     )
+    _gateway_parser(sub)
     study = sub.add_parser(
         "study", help="the threshold study: simulated and exact figures, JSON, plots, doc tables"
     )
@@ -75,6 +78,79 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--json", action="store_true", help="print the ranking as JSON")
     tune.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _gateway_parser(sub: Any) -> None:
+    gateway = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible gateway (without --config: an embedded demo, no keys needed)",
+        description="Serve /v1/chat/completions, /v1/embeddings, /v1/responses and /v1/models through\n"
+        "key pools with breakers and model routes, plus the admin API, /metrics and /healthz.",
+        epilog=_serve_environment(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gateway.add_argument(
+        "--config", help="gateway TOML: providers, models, callers (default: the embedded demo)"
+    )
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    gateway.add_argument(
+        "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    gateway.add_argument(
+        "--workers", type=int, default=1, help="worker processes (above 1 needs KEYPOOL_REDIS_URL)"
+    )
+    gateway.add_argument(
+        "--admin-port", type=int, help="serve the admin API and /metrics on this port instead"
+    )
+    gateway.add_argument(
+        "--protect-reads", action="store_true", help="the admin read endpoints need the admin token too"
+    )
+    gateway.add_argument(
+        "--insecure-no-token", action="store_true", help="admin changes without a token (loopback only)"
+    )
+    hash_key = sub.add_parser(
+        "hash-key",
+        help="make a caller key for the gateway and print the hash to put in its config",
+        description="Without --stdin: make a new random caller key, print it and its hash.\n"
+        "With --stdin: read a key you chose from standard input and print its hash only.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hash_key.add_argument("--stdin", action="store_true", help="hash the key read from standard input")
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from keypool import ConfigError
+
+    from .gateway import hash_caller_key, new_caller_key
+
+    if args.stdin:
+        key = sys.stdin.readline().strip()
+        try:
+            print(hash_caller_key(key))
+        except ConfigError as exc:
+            print(f"keypool hash-key: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    key = new_caller_key()
+    print(f"key:      {key}    (give this to the caller; it is not stored anywhere)")
+    print(f"key_hash: {hash_caller_key(key)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .gateway import GatewayOptions, serve_gateway
+
+    return serve_gateway(
+        GatewayOptions(
+            config=args.config,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            admin_port=args.admin_port,
+            protect_reads=args.protect_reads,
+            insecure_no_token=args.insecure_no_token,
+        )
+    )
 
 
 def _refusing_bad_input(command: str, run: Callable[[], int]) -> int:
@@ -128,6 +204,23 @@ def _study(args: argparse.Namespace) -> int:
     )
 
 
+def _serve_environment() -> str:
+    """The gateway help's last section: the variables serve reads."""
+    from keypool._serve import TOKEN_ENV
+
+    return "\n".join(
+        [
+            "environment:",
+            f"  {TOKEN_ENV}",
+            "      the admin token (required with --config unless --insecure-no-token on loopback)",
+            "  KEYPOOL_REDIS_URL",
+            "      share breakers, throttles and admin changes across workers and hosts",
+            "      (required for --workers above 1)",
+            "  the variables the config's keys_env / secret_env fields name",
+        ]
+    )
+
+
 def _serve_admin_environment() -> str:
     """The help's last section: the variables serve-admin reads."""
     from keypool._serve import ENV_PROVIDERS, TOKEN_ENV
@@ -154,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _study(args)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "hash-key":
+        return _hash_key(args)
     from keypool._serve import serve_admin
 
     return serve_admin(

@@ -142,3 +142,18 @@ def test_a_retry_that_waited_with_its_key_left_out_then_looks_again_at_that_key(
     assert (result.served, result.failed, result.refused, result.waited) == (1, 0, 0, 1)
     assert result.attempts_of("key-1", "failure") == result.attempts_of("key-1", "success") == 1
     assert result.request_seconds == pytest.approx(0.1 + 0.5 + 0.1)  # fails, recovers, serves
+
+
+def test_a_guessed_recovery_is_waited_for_no_longer_than_the_clients_backoff() -> None:
+    """As the transport does (test_transport has the same request): one key, a 429 without
+    Retry-After keeps it out for the default 1 s, longer than the backoff (0.25 to 0.375 s) that
+    caps the wait once the key is looked at again: the request fails at once, unserved."""
+    guessed = scenario(
+        {"keys": 1, "breaker": {"default_retry_after": 1.0}},
+        {"times": [0.0], "request_timeout": 5.0},
+        [{"kind": "throttle", "retry_after": None, "end": 0.5}],
+    )
+    result = simulate(guessed, 0)
+    assert (result.served, result.failed, result.refused, result.waited) == (0, 1, 0, 0)
+    assert result.attempts_of("key-1", "throttled") == 1
+    assert result.request_seconds == 0.0

@@ -1097,3 +1097,22 @@ async def test_a_retry_that_waited_with_its_key_left_out_then_looks_again_at_tha
     backoff, recovery = clock.slept
     assert 0.25 <= backoff <= 0.375
     assert backoff + recovery == pytest.approx(0.5)
+
+
+@pytest.mark.anyio
+async def test_a_guessed_recovery_is_waited_for_no_longer_than_the_clients_backoff(clock: FakeClock) -> None:
+    """One key, a 429 without Retry-After (out for the default 1 s): moving on is free, but no
+    other key serves; looking at the same key again costs a retry, whose backoff (0.25 to
+    0.375 s) caps the wait for the guessed recovery. 1 s is longer: the 429 reaches the caller."""
+    rec = Recorder()
+    keys = [{"secret": secret_of("k0"), "key_id": "k0"}]
+    breaker = {"default_retry_after": 1.0}
+    pool = KeyPool({"providers": [{"name": P, "keys": keys, "breaker": breaker}]}, clock=clock, hooks=(rec,))
+    upstream = Upstream(1)
+    answers = iter([status(429), ok])
+    upstream.default = lambda request: next(answers)(request)
+    async with async_openai(pool, upstream, timeout=5) as client:
+        with pytest.raises(openai.RateLimitError):
+            await client.models.list()
+    assert [e.outcome for e in rec.recorded()] == [OutcomeKind.THROTTLED]
+    assert clock.slept == []

@@ -374,7 +374,10 @@ class Simulation:
                 return None
             # retry_after is the soonest timed recovery, 0.0 when there is none
             return min(request.deadline, t + retry) if retry else request.deadline
-        if retry is None or retry > request.traffic.max_wait or t + retry > request.deadline:
+        # The transport's max_wait: the traffic's, or less where a guessed recovery is waited for only
+        # as long as the client's backoff (a 429 without Retry-After, RequestPlan.wait_cap).
+        max_wait = request.plan.max_wait(request.traffic.max_wait)
+        if retry is None or retry > max_wait or t + retry > request.deadline:
             return None
         return t + max(retry, 1e-6)  # a recovery due now is noticed on the next look
 

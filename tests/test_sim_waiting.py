@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from keypool import CallRejected, PoolEvent
-from keypool.sim import Scenario, Simulation, simulate
+from keypool import CallRejected, Outcome, OutcomeKind, PoolEvent, classify_status
+from keypool.sim import Answer, Scenario, Simulation, simulate
 
 
 def scenario(provider: dict[str, Any], traffic: dict[str, Any], faults: list[dict[str, Any]]) -> Scenario:
@@ -115,3 +115,45 @@ def test_a_failure_moves_to_a_clean_key_for_free() -> None:
     assert result.attempts_of("key-1", "failure") > 100
     assert result.failed == 0
     assert result.served == result.requests
+
+
+class _Script:
+    """A key's answers in order: 503, then 200s, each after 0.1 s."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def answer(self, t: float) -> Answer:
+        if self.failed:
+            return Answer(Outcome(OutcomeKind.SUCCESS, 200), 0.1)
+        self.failed = True
+        return Answer(classify_status(503), 0.1)
+
+
+def test_a_retry_that_waited_with_its_key_left_out_then_looks_again_at_that_key() -> None:
+    """As the transport does (test_transport has the same request): one key, threshold 1, the
+    first 503 trips the key and the provider; after the client's backoff the retry leaves the key
+    out and waits for the provider's recovery; when it comes no other key can serve, so the keys
+    already tried are looked at again: the key's trial serves it (it does not fail for want of a
+    key)."""
+    breaker = {"failure_threshold": 1, "timeout": 0.5, "max_timeout": 0.5, "success_threshold": 1}
+    one = scenario({"keys": 1, "breaker": breaker}, {"times": [0.0], "request_timeout": 5.0}, [])
+    result = Simulation(one, 0, answers={("p", "key-1"): _Script()}).run()
+    assert (result.served, result.failed, result.refused, result.waited) == (1, 0, 0, 1)
+    assert result.attempts_of("key-1", "failure") == result.attempts_of("key-1", "success") == 1
+    assert result.request_seconds == pytest.approx(0.1 + 0.5 + 0.1)  # fails, recovers, serves
+
+
+def test_a_guessed_recovery_is_waited_for_no_longer_than_the_clients_backoff() -> None:
+    """As the transport does (test_transport has the same request): one key, a 429 without
+    Retry-After keeps it out for the default 1 s, longer than the backoff (0.25 to 0.375 s) that
+    caps the wait once the key is looked at again: the request fails at once, unserved."""
+    guessed = scenario(
+        {"keys": 1, "breaker": {"default_retry_after": 1.0}},
+        {"times": [0.0], "request_timeout": 5.0},
+        [{"kind": "throttle", "retry_after": None, "end": 0.5}],
+    )
+    result = simulate(guessed, 0)
+    assert (result.served, result.failed, result.refused, result.waited) == (0, 1, 0, 0)
+    assert result.attempts_of("key-1", "throttled") == 1
+    assert result.request_seconds == 0.0

@@ -1072,3 +1072,47 @@ async def test_a_timeout_at_the_callers_own_deadline_counts_against_no_key() -> 
     # The caller's 0.3 s ran out while a key worked on it (no time-to-headers limit of its own
     # came first): nobody's failure.
     assert (row["failure_count"], row["total_failures"], row["in_flight"]) == (0, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_retry_that_waited_with_its_key_left_out_then_looks_again_at_that_key(
+    clock: FakeClock,
+) -> None:
+    """One key, threshold 1: the first 503 trips the key and the provider. After the client's
+    backoff the retry leaves the failed key out, waits for the provider's recovery (0.5 s after
+    the trip), finds no other key then, and tries the same key again (its trial): served."""
+    rec = Recorder()
+    keys = [{"secret": secret_of("k0"), "key_id": "k0"}]
+    breaker = {"failure_threshold": 1, "timeout": 0.5, "max_timeout": 0.5, "success_threshold": 1}
+    pool = KeyPool({"providers": [{"name": P, "keys": keys, "breaker": breaker}]}, clock=clock, hooks=(rec,))
+    upstream = Upstream(1)
+    answers = iter([status(503), ok])
+    upstream.default = lambda request: next(answers)(request)
+    async with async_openai(pool, upstream, timeout=5) as client:
+        await client.models.list()
+    assert [(e.outcome, e.trial) for e in rec.recorded()] == [
+        (OutcomeKind.FAILURE, False),
+        (OutcomeKind.SUCCESS, True),
+    ]
+    backoff, recovery = clock.slept
+    assert 0.25 <= backoff <= 0.375
+    assert backoff + recovery == pytest.approx(0.5)
+
+
+@pytest.mark.anyio
+async def test_a_guessed_recovery_is_waited_for_no_longer_than_the_clients_backoff(clock: FakeClock) -> None:
+    """One key, a 429 without Retry-After (out for the default 1 s): moving on is free, but no
+    other key serves; looking at the same key again costs a retry, whose backoff (0.25 to
+    0.375 s) caps the wait for the guessed recovery. 1 s is longer: the 429 reaches the caller."""
+    rec = Recorder()
+    keys = [{"secret": secret_of("k0"), "key_id": "k0"}]
+    breaker = {"default_retry_after": 1.0}
+    pool = KeyPool({"providers": [{"name": P, "keys": keys, "breaker": breaker}]}, clock=clock, hooks=(rec,))
+    upstream = Upstream(1)
+    answers = iter([status(429), ok])
+    upstream.default = lambda request: next(answers)(request)
+    async with async_openai(pool, upstream, timeout=5) as client:
+        with pytest.raises(openai.RateLimitError):
+            await client.models.list()
+    assert [e.outcome for e in rec.recorded()] == [OutcomeKind.THROTTLED]
+    assert clock.slept == []

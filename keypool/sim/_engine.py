@@ -6,18 +6,21 @@ the lean-away-from-failing-keys rule are keypool's own code, reached only throug
 heap of virtual-time events (request arrivals, attempts answering, waiting requests retrying),
 moves a :class:`~keypool.testing.FakeClock` to each event's instant and does what a
 :class:`~keypool.KeyPoolTransport` would do at that instant: lease a key, let the fault processes
-decide the answer, record it, and fail over to another key (never the same one twice) while the
-request has attempts and time left. No real sleep, no event loop: hours of virtual time run in
-seconds.
+decide the answer, record it, and fail over to another key while the request has attempts and
+time left (a key already tried only when no other can serve, after the client's backoff). No real
+sleep, no event loop: hours of virtual time run in seconds.
 
 A request that finds no key waits the way :meth:`~keypool.KeyPool.acquire` does, told apart by the
 refusal's ``reason``: a *busy* provider (a call in flight frees a key) queues it, first come first
 served, until its deadline; a *down* one only if the soonest recovery (``retry_after``) is within
-the request's ``max_wait`` and deadline, else it is refused at once. The queue is the engine's own
-(the pool's queue serves callers blocked in ``acquire``, and nothing blocks here), served the way
-the pool serves its own: whenever an outcome is recorded or a waiter's wait ends, waiters are
-handed keys in arrival order before anything else happens at that instant. A refusal the pool
-reported for a request that then waits is not passed on to the hooks, as ``acquire`` reports none.
+the request's ``max_wait`` and deadline, else it is refused at once. A request that already made
+an attempt and is refused, at once or when its wait ends, does what the transport does when
+``acquire`` refuses it: it looks again at the keys it left out (:meth:`RequestPlan.look_again`)
+before it fails. The queue is the engine's own (the pool's queue serves callers blocked in
+``acquire``, and nothing blocks here), served the way the pool serves its own: whenever an
+outcome is recorded or a waiter's wait ends, waiters are handed keys in arrival order before
+anything else happens at that instant. A refusal the pool reported for a request that then waits
+is not passed on to the hooks, as ``acquire`` reports none.
 
 One shortcut, exact by construction: when a provider refuses a request and has no attempt in
 flight, nothing can change before the soonest recovery the pool announces, so arrivals that would
@@ -371,7 +374,10 @@ class Simulation:
                 return None
             # retry_after is the soonest timed recovery, 0.0 when there is none
             return min(request.deadline, t + retry) if retry else request.deadline
-        if retry is None or retry > request.traffic.max_wait or t + retry > request.deadline:
+        # The transport's max_wait: the traffic's, or less where a guessed recovery is waited for only
+        # as long as the client's backoff (a 429 without Retry-After, RequestPlan.wait_cap).
+        max_wait = request.plan.max_wait(request.traffic.max_wait)
+        if retry is None or retry > max_wait or t + retry > request.deadline:
             return None
         return t + max(retry, 1e-6)  # a recovery due now is noticed on the next look
 
@@ -379,18 +385,23 @@ class Simulation:
         """No key for a request not yet waiting: queue it, or refuse it."""
         until = self._wait_until(request, t, refusal)
         if until is None:
-            delay = request.plan.look_again(t) if request.answered else None
-            if delay is not None:  # the keys already tried, again after the client's backoff
-                self._held.clear()
-                self._push(t + delay, _RETRY, request)
-                return
-            self._refuse(request, t, refusal)
+            self._look_again(request, t, refusal)
             return
         self._held.clear()
         self.result.waited += 1
         request.queued = True
         self._queues[request.traffic.provider].append(request)
         self._wait(request, until)
+
+    def _look_again(self, request: _Request, t: float, refusal: NoKeyAvailable) -> None:
+        """No key and no wait, fresh or after waiting: as the transport does when ``acquire`` refuses,
+        the keys already tried again (after any backoff owed), or the request ends."""
+        delay = request.plan.look_again(t) if request.answered else None
+        if delay is None:
+            self._refuse(request, t, refusal)
+            return
+        self._held.clear()
+        self._push(t + delay, _RETRY, request)
 
     def _wait(self, request: _Request, until: float) -> None:
         request.until = until
@@ -462,7 +473,7 @@ class Simulation:
                 until = self._wait_until(request, t, refusal)  # its wait ended, or the key went down
                 if until is None:
                     request.queued = False
-                    self._refuse(request, t, refusal)
+                    self._look_again(request, t, refusal)
                     continue
                 self._held.clear()
                 queue.append(request)

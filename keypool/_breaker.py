@@ -136,6 +136,7 @@ class CircuitBreaker:
         "_state",
         "_streak",
         "_successes",
+        "_throttle_guessed",
         "_throttled_until",
         "_time_in",
         "_total_failures",
@@ -164,6 +165,7 @@ class CircuitBreaker:
         self._recheck_delay = 0.0  # the first wait of the current recheck schedule
         self._recheck_streak = 0  # rechecks in a row that found the key still refused
         self._throttled_until = 0.0
+        self._throttle_guessed = False  # the throttle's end is default_retry_after, not a header's
         self._failures = 0
         self._successes = 0
         self._trials: dict[int, float] = {}
@@ -402,6 +404,7 @@ class CircuitBreaker:
                 self._note(at, "recheck_due")
             else:
                 self._throttled_until = 0.0
+                self._throttle_guessed = False
                 self._note(at, "retry_after_elapsed")
         if self._trials:
             for token in [tok for tok, exp in self._trials.items() if exp <= now]:
@@ -481,9 +484,8 @@ class CircuitBreaker:
         now = self._clock()
         self._settle(now)
         cfg = self._config
-        wait = cfg.default_retry_after
-        if retry_after is not None and retry_after >= 0:  # NaN fails this test too
-            wait = retry_after
+        given = retry_after is not None and retry_after >= 0  # NaN fails this test too
+        wait = retry_after if given and retry_after is not None else cfg.default_retry_after
         until = now + min(wait, cfg.max_retry_after)
         if until > self._throttled_until and until > now:
             if self.state(now) is not BreakerState.OPEN:  # a trip only when the key goes out
@@ -491,8 +493,15 @@ class CircuitBreaker:
                 if not self._quarantined:  # a quarantine's reason is the one to show
                     self._open_reason = OpenReason.THROTTLED
             self._throttled_until = until
+            self._throttle_guessed = not given
             self._note(now, OpenReason.THROTTLED.value)
         return self._throttled_until
+
+    @property
+    def throttle_guessed(self) -> bool:
+        """Whether the current throttle ends at a guess (a 429 without Retry-After) rather than at
+        the instant the server gave: such a recovery is not worth waiting for."""
+        return self._throttle_guessed
 
     def quarantine(self, reason: OpenReason, permit: Permit | None = None) -> None:
         """Take the key out until :meth:`reset`: it never half-opens by itself."""
@@ -551,6 +560,7 @@ class CircuitBreaker:
         self._recheck_at = 0.0
         self._recheck_streak = 0
         self._throttled_until = 0.0
+        self._throttle_guessed = False
         self._open_reason = None
         self._streak = 0
         self._close(now, "reset")
@@ -616,6 +626,8 @@ class CircuitBreaker:
         self._failures = failures
         if throttled_until > now and self._throttled_until <= now and not self._quarantined:
             self._open_reason = OpenReason.THROTTLED
+        if throttled_until != self._throttled_until:
+            self._throttle_guessed = False  # another process's throttle: its end is what it was told
         self._throttled_until = throttled_until
         if not was_out and self.state(now) is BreakerState.OPEN:
             self._trips += 1

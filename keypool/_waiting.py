@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Plan", "Waiter", "plan", "wait_async", "wait_sync"]
 
+_GUESSED_WAIT = 0.375  # the shortest first backoff of the openai client (0.5 s less a quarter)
+
 
 class Waiter:
     """One caller in a provider's queue: the keys it will not take, and the lease it was handed."""
@@ -192,7 +194,12 @@ def plan(
         return _busy(now, deadline, None if timer is None else timer[0])
     if timer is not None:
         at, key = timer
-        return _timed(now, at, deadline, max_wait, key.refusal_kind(now))
+        reason = key.refusal_kind(now)
+        if reason == "throttled" and key.breaker.throttle_guessed:
+            # A 429 without Retry-After: its end is only default_retry_after, a guess. The plain
+            # client would retry after its first backoff; waiting longer is never better.
+            max_wait = min(max_wait, _GUESSED_WAIT)
+        return _timed(now, at, deadline, max_wait, reason)
     return Plan(False, reason=_down_reason(prov), retry_after=None)
 
 

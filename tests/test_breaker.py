@@ -859,3 +859,19 @@ def _walk(breaker: CircuitBreaker, clock: FakeClock) -> Iterator[BreakerState]:
 
 def test_the_runbook_cycle(clock: FakeClock) -> None:
     assert list(_walk(make(clock), clock)) == [OPEN, HALF_OPEN, CLOSED]
+
+
+def test_a_throttle_without_retry_after_is_marked_as_a_guess(clock: FakeClock) -> None:
+    b = make(clock, default_retry_after=5.0)
+    b.throttle(None)
+    assert b.throttle_guessed  # its end is default_retry_after: not worth waiting for
+    b.throttle(8.0)  # a later 429 that says when: the instant is the server's
+    assert not b.throttle_guessed
+    b.reset()
+    b.throttle(float("nan"))  # an unreadable header is no header
+    assert b.throttle_guessed
+    clock.advance(5.0)
+    b.state()
+    assert b.can_admit()
+    b.poll()
+    assert not b.throttle_guessed  # the throttle is over

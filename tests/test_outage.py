@@ -472,6 +472,29 @@ async def test_a_throttle_without_retry_after_is_never_waited_for_longer_than_op
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("retries", [0, 2])
+async def test_keys_throttled_without_retry_after_are_not_waited_for_by_the_next_calls(
+    make_pair: Callable[..., Pair], retries: int
+) -> None:
+    """Every key has had a 429 without Retry-After: its end (``default_retry_after``) is only a
+    guess. The next calls are refused at once, as the plain client's 429 would be after its first
+    backoff at the latest, instead of waiting out the guess."""
+    pair = make_pair(max_retries=retries)
+    pair.upstream.set_default_fault(Fault.rate_limited(None))
+    plain = await failure(chat(pair.plain))
+    while pair.pool.capacity("deepseek").status != "down":
+        same_family(await failure(chat(pair.pooled)), plain)
+    before, slept = pair.pooled_requests(), len(pair.slept())
+    for _ in range(3):
+        refused = await failure(chat(pair.pooled))
+        same_family(refused, plain)
+        assert isinstance(refused, keypool.NoKeyAvailable)
+        assert refused.reason == "throttled"
+    assert pair.pooled_requests() == before  # nothing sent, and no wait on a guess
+    assert pair.slept()[slept:] == []
+
+
+@pytest.mark.anyio
 async def test_a_long_retry_after_is_refused_at_once_where_the_plain_client_sleeps(
     make_pair: Callable[..., Pair],
 ) -> None:

@@ -156,6 +156,7 @@ class AgentStream:
         onward: Sequence[_Leg] = (),
         request: Mapping[str, Any] | None = None,
         max_continuations: int = 0,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.stream = stream
         self._head = head
@@ -170,6 +171,7 @@ class AgentStream:
         self._onward = list(onward)
         self._request = dict(request or {})
         self._left = max_continuations
+        self._budget = budget  # the call's: continuations spend what its attempts and time left
         self._first: ChatCompletionChunk | None = None
         self._text: list[str] = []
         self._plain = True  # one choice of plain content so far: a prefill can finish it
@@ -223,10 +225,22 @@ class AgentStream:
             route, model = self._onward.pop(0)
             if route.client.keypool_settings.prefill is None:
                 continue  # this route cannot take the text so far as a prefill
+            budget = self._budget
+            if budget is not None and budget.exhausted():
+                break  # the call's deadline or attempts are spent: the break stands
             self._left -= 1
             try:
                 client, kwargs = route.client.continuation({**self._request, "model": model}, delivered)
-                stream = await client.chat.completions.create(**kwargs, stream=True)
+                with request_budget(
+                    attempts=budget.attempts_left if budget is not None else 1_000_000,
+                    timeout=budget.remaining_time() if budget is not None else None,
+                    fallback=bool(self._onward),
+                ) as spent:
+                    try:
+                        stream = await client.chat.completions.create(**kwargs, stream=True)
+                    finally:
+                        if budget is not None:
+                            budget.attempts_left -= spent.attempts_used
             except (openai.APIError, KeyPoolError, httpx2.TransportError):
                 continue  # refused (a 400 to the prefill, no key): the next route, else the break
             self._open.append(stream)
@@ -451,6 +465,9 @@ class UnifiedAgent:
             for index, route in enumerate(order):
                 leg: _Leg | None = (route, route.model_for(model))
                 final = index == len(order) - 1
+                # With a route after this one, a failing provider is left at once; the last one
+                # gets the pooled client's own retries (spaced by its backoff) instead.
+                budget.fallback = not final
                 while leg is not None and not budget.exhausted():
                     current, asked = leg
                     leg = None
@@ -529,6 +546,7 @@ class UnifiedAgent:
             onward=onward,
             request={"messages": messages, **options},
             max_continuations=self.max_continuations,
+            budget=budget,
         )
 
     def _exhausted(

@@ -478,3 +478,14 @@ async def test_no_continuation_when_the_agent_allows_none() -> None:
         with pytest.raises(StreamInterrupted):
             await agent_stream_text(agent)
     assert rig.ds.total_requests() == 0
+
+
+async def test_a_continuation_spends_the_calls_budget_and_none_is_made_once_it_is_spent() -> None:
+    async with on_loopback() as rig:
+        rig.px.set_default_fault(Fault.cut_after_tokens(4))
+        routes = [ChatRoute(rig.perplexity, models=MODELS), ChatRoute(rig.deepseek)]
+        with pytest.raises(StreamInterrupted):  # the one attempt went to the answer that broke
+            await agent_stream_text(UnifiedAgent(routes, max_attempts=1))
+        assert rig.ds.total_requests() == 0
+        streamed, _ = await agent_stream_text(UnifiedAgent(routes, max_attempts=2))
+        assert streamed.continued_by == ["deepseek"]  # the second attempt finished it

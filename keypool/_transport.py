@@ -493,6 +493,12 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             if call is not None:
                 _cap_reads(request, plan.settings, sync=True)
             sent = time.monotonic()
+            hard = plan.hard_limit(clock.now())
+            if hard is not None:  # no task to cancel here: attempt_timeout caps every phase instead
+                limits = request.extensions["timeout"]
+                request.extensions["timeout"] = {
+                    phase: hard if value is None else min(value, hard) for phase, value in limits.items()
+                }
             try:
                 response = self.inner.handle_request(request)
             except BaseException as exc:

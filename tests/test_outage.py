@@ -829,3 +829,21 @@ def test_the_sync_clients_fail_alike_on_a_refused_connect_and_a_cut_stream(
     assert isinstance(plain_error, openai.APIConnectionError)
     same_family(pooled_error, plain_error)
     assert isinstance(pooled_error, StreamInterruptedError)
+
+
+def test_the_sync_clients_attempt_timeout_caps_an_attempt_as_the_async_ones_do() -> None:
+    upstream = FakeUpstream(["sk-sync-slow-0a1b2c"], flavor="deepseek")
+    upstream.set_default_fault(Fault.slow(2.0))
+    with LoopbackServer(upstream) as server:
+        client = DeepSeek(
+            api_key="sk-sync-slow-0a1b2c",
+            base_url=server.base_url,
+            attempt_timeout=0.3,
+            headers_timeout=None,
+            max_retries=0,
+        )
+        try:
+            with pytest.raises(openai.APITimeoutError):  # not the answer that comes after 2 s
+                client.chat.completions.create(model=MODEL, messages=messages("slow"))  # type: ignore[arg-type]
+        finally:
+            client.close()

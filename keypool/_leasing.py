@@ -411,9 +411,11 @@ class Leasing:
         prov.replan = True
         if state is BreakerState.OPEN:
             # A provider-wide outage opens every key at once, so the pool, its metrics and the
-            # alerts all say so; trial calls stay bounded by the provider's own breaker.
+            # alerts all say so; trial calls stay bounded by the provider's own breaker. A key
+            # left half-open would wait there, with no trial allowed, for as long as the provider
+            # stays out (and look stuck half-open): it opens again too.
             for key in prov.keys.values():
-                if key.category == "closed" and not key.removed:
+                if key.category in ("closed", "half_open") and not key.removed:
                     key.breaker.force_open()
                     key.refresh(now, events)
                     prov.tripped.append(key.id)

@@ -878,3 +878,25 @@ def test_events_are_frozen(clock: FakeClock) -> None:
     event = CallRejected(P, "breaker_open")
     with pytest.raises(AttributeError):
         event.reason = "x"  # type: ignore[misc]
+
+
+def test_a_provider_outage_opens_keys_left_half_open_so_none_looks_stuck(clock: FakeClock) -> None:
+    """A key half-open when the provider's own breaker opens could get no trial while the
+    provider is out: it opens again with the others instead of waiting there half-open."""
+    from keypool import BreakerState, Outcome, OutcomeKind
+
+    pool = KeyPool(clock=clock, seed=1)
+    pool.add_provider(
+        {"name": "p", "keys": [{"secret": f"sk-stuck-{i}-abcdef", "key_id": f"k{i}"} for i in range(4)]}
+    )
+    pool.trip("p", "k0")
+    clock.advance(61.0)
+    assert pool.key_stats("k0", "p")["state"] == "half_open"
+    others = ["k1", "k2", "k3"]
+    while pool.capacity("p").provider_state == "closed":
+        lease = pool.try_acquire("p", exclude={"k0"})
+        assert lease.key_id in others
+        lease.record(Outcome(OutcomeKind.FAILURE, 503))
+    assert pool.capacity("p").provider_state == BreakerState.OPEN.label
+    assert pool.key_stats("k0", "p")["state"] == "open"  # not left half-open with no trial to run
+    assert pool.capacity("p").half_open == 0

@@ -314,6 +314,7 @@ class Gateway:
         error: GatewayError | None = None
         async with anyio.create_task_group() as group:
             group.start_soon(_watch_disconnect, receive, group.cancel_scope)
+            started = time.monotonic()
             try:
                 answer = await self.router.send(upstream_path, body, model, headers, routes, caps)
             except GatewayError as refused:
@@ -323,7 +324,7 @@ class Gateway:
                 entry.key_id, entry.attempts = answer.key_id, answer.attempts
                 try:
                     entry.status = answer.response.status_code
-                    follow = self._continuation(upstream_path, body, model, routes, headers, entry)
+                    follow = self._continuation(upstream_path, body, model, routes, headers, entry, started)
                     await _relay(answer, send, entry, body.stream, upstream_path, follow)
                 finally:
                     with anyio.CancelScope(shield=True):
@@ -340,9 +341,11 @@ class Gateway:
         routes: tuple[Route, ...],
         headers: Mapping[str, str],
         entry: _Entry,
+        started: float,
     ) -> Continue | None:
         """How a broken chat stream is continued: the model's routes whose provider takes a
-        prefill, in order, each with its own prefill style (``None`` when there is none)."""
+        prefill, in order, each with its own prefill style (``None`` when there is none), inside
+        what the call's attempts and deadline (from ``started``) have left."""
         able = [r for r in routes if self.config.upstreams[r.provider].prefill is not None]
         if upstream_path != "/chat/completions" or not able:
             return None
@@ -358,8 +361,15 @@ class Gateway:
                 )
                 again = parse_body(json.dumps(continuation_body(original, delivered, prefill)).encode())
                 caps = {route.provider: self.pool.capacity(route.provider)}
+                settings = self.config.settings
+                attempts = settings.max_attempts - entry.attempts
+                left = settings.request_timeout - (time.monotonic() - started)
+                if attempts < 1 or left <= 0:
+                    return None  # the call's budget is spent: the break stands
                 try:
-                    answer = await self.router.send(url, again, model, headers, (route,), caps)
+                    answer = await self.router.send(
+                        url, again, model, headers, (route,), caps, limits=(attempts, left)
+                    )
                 except GatewayError:
                     continue
                 if answer.response.status_code >= 400:

@@ -61,9 +61,15 @@ class Router:
         self.settings = settings
 
     def ordered(self, routes: Sequence[Route], caps: Mapping[str, Capacity]) -> list[Route]:
-        """Healthy and degraded providers first, then critical, then down ones (a down provider
-        may recover inside the deadline), each group in the configured order."""
-        return sorted(routes, key=lambda r: _RANK[caps[r.provider].status])
+        """A provider with a trial call due first (its recovery needs calls), then healthy and
+        degraded providers, then critical, then down ones (a down provider may recover inside the
+        deadline), each group in the configured order."""
+
+        def place(route: Route) -> int:
+            cap = caps[route.provider]
+            return -1 if cap.trial_ready else _RANK[cap.status]
+
+        return sorted(routes, key=place)
 
     async def send(
         self,
@@ -73,7 +79,10 @@ class Router:
         headers: Mapping[str, str],
         routes: Sequence[Route],
         caps: Mapping[str, Capacity],
+        limits: tuple[int, float | None] | None = None,
     ) -> Answer:
+        """The first answer along ``routes``; ``limits`` (attempts, seconds) is what is left of a
+        call's budget, for a continuation (default: a whole new call's)."""
         forwarded = {name: headers[name] for name in _FORWARDED if name in headers}
         forwarded["accept-encoding"] = "identity"  # bytes are relayed as they come
         refusals: list[NoKeyAvailable] = []
@@ -83,11 +92,13 @@ class Router:
         queue = self.ordered(routes, caps)
         switched = False
         s = self.settings
-        with request_budget(attempts=s.max_attempts, timeout=s.request_timeout) as budget:
+        attempts, timeout = limits or (s.max_attempts, s.request_timeout)
+        with request_budget(attempts=attempts, timeout=timeout) as budget:
             while queue:
                 route = queue.pop(0)
                 if budget.exhausted():
                     break
+                budget.fallback = bool(queue)  # another route after this one: leave a failing one
                 client = self.clients[route.provider]
                 request = client.build_request(
                     "POST", f"{path}", content=body.with_model(route.model), headers=forwarded

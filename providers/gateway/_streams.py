@@ -52,7 +52,7 @@ async def _pump(response: httpx2.Response, scanner: EventScanner, send: Send) ->
         return type(exc).__name__
     finally:
         await response.aclose()
-    if scanner.pending or not (scanner.finished or scanner.done):
+    if scanner.pending or not scanner.finished:  # [DONE] without a finish_reason is a cut too
         return "the stream ended before the answer did"
     return None
 

@@ -42,7 +42,7 @@ from ._errors import ConfigError
 from ._outcome import Outcome, OutcomeKind
 from ._sse import Grammar
 
-__all__ = ["EXTENSION", "CallSettings", "RequestPlan", "deadline_of"]
+__all__ = ["EXTENSION", "SHORTEST_FIRST_BACKOFF", "CallSettings", "RequestPlan", "capped", "deadline_of"]
 
 #: The ``httpx2.Request.extensions`` key under which a client passes a request's settings.
 EXTENSION = "keypool"
@@ -55,6 +55,9 @@ _LLM_STREAM_IDLE = 30.0
 # behind others (DeepSeek streams keep-alives for up to 10 minutes) moves to another key.
 FIRST_TOKEN_TIMEOUT = 60.0
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.5, 8.0  # the openai client's own retry delays
+_PLAIN_LEAST = 0.75  # the plain client takes off at most a quarter of each delay
+#: The least the plain client waits before its first retry: no wait of keypool's is longer.
+SHORTEST_FIRST_BACKOFF = _BACKOFF_FIRST * _PLAIN_LEAST
 
 
 HeadersTimeout = float | Literal["auto"] | None
@@ -154,7 +157,8 @@ def _seconds(name: str, value: object, *, zero: bool = False) -> None:
         raise ConfigError(f"{name}: must be a number of seconds {bound}, or None (got {value!r})")
 
 
-def _capped(value: float | None, bound: float | None) -> float | None:
+def capped(value: float | None, bound: float | None) -> float | None:
+    """``value`` no larger than ``bound`` (``None`` is no limit on either side)."""
     if bound is None:
         return value
     return bound if value is None else min(value, bound)
@@ -266,10 +270,10 @@ class RequestPlan:
         if headers is not None:
             read = headers if read is None else min(read, headers)
         return {
-            "connect": _capped(connect, left),
-            "read": _capped(read, left),
-            "write": _capped(given.get("write"), left),
-            "pool": _capped(given.get("pool"), left),
+            "connect": capped(connect, left),
+            "read": capped(read, left),
+            "write": capped(given.get("write"), left),
+            "pool": capped(given.get("pool"), left),
         }
 
     def at_deadline(self, detail: str) -> bool:
@@ -337,7 +341,9 @@ class RequestPlan:
         """A delay on the openai client's schedule (0.5 s, 1 s, ... 8 s), jittered but never longer
         than the shortest the plain client would sleep (it takes off up to a quarter; this takes off
         a quarter to a half), so keypool never gives up later than it."""
-        delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (0.75 - 0.25 * self.rng.random())
+        delay = min(_BACKOFF_FIRST * 2.0**self.backoffs, _BACKOFF_CAP) * (
+            _PLAIN_LEAST - 0.25 * self.rng.random()
+        )
         self.backoffs += 1
         return delay
 

@@ -38,7 +38,7 @@ from ._budget import current_budget
 from ._errors import ConfigError, KeyPoolError, NoKeyAvailable
 from ._lease import Lease
 from ._outcome import IGNORED, Outcome, OutcomeKind, classify_exception, classify_status
-from ._policy import EXTENSION, CallSettings, RequestPlan, deadline_of
+from ._policy import EXTENSION, CallSettings, RequestPlan, capped, deadline_of
 from ._pool import KeyPool
 from ._sse import Grammar
 from ._stream import StreamCall, start_async, start_sync
@@ -233,8 +233,7 @@ def _cap_reads(request: httpx2.Request, settings: CallSettings, *, sync: bool) -
     read = limits.get("read")
     caps = (settings.idle_limit(True), settings.first_token_timeout) if sync else (settings.idle_limit(True),)
     for cap in caps:
-        if cap is not None:
-            read = cap if read is None else min(read, cap)
+        read = capped(read, cap)
     limits["read"] = read
     request.extensions = {**request.extensions, "timeout": limits}
 
@@ -497,7 +496,7 @@ class SyncKeyPoolTransport(_Base, httpx2.BaseTransport):
             if hard is not None:  # no task to cancel here: attempt_timeout caps every phase instead
                 limits = request.extensions["timeout"]
                 request.extensions["timeout"] = {
-                    phase: hard if value is None else min(value, hard) for phase, value in limits.items()
+                    phase: capped(value, hard) for phase, value in limits.items()
                 }
             try:
                 response = self.inner.handle_request(request)

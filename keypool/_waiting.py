@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
+from ._policy import SHORTEST_FIRST_BACKOFF
+
 if TYPE_CHECKING:
     from ._clock import Clock
     from ._keys import KeyState, ProviderState
     from ._lease import Lease
 
 __all__ = ["Plan", "Waiter", "plan", "wait_async", "wait_sync"]
-
-_GUESSED_WAIT = 0.375  # the shortest first backoff of the openai client (0.5 s less a quarter)
 
 
 class Waiter:
@@ -198,7 +198,7 @@ def plan(
         if reason == "throttled" and key.breaker.throttle_guessed:
             # A 429 without Retry-After: its end is only default_retry_after, a guess. The plain
             # client would retry after its first backoff; waiting longer is never better.
-            max_wait = min(max_wait, _GUESSED_WAIT)
+            max_wait = min(max_wait, SHORTEST_FIRST_BACKOFF)
         return _timed(now, at, deadline, max_wait, reason)
     return Plan(False, reason=_down_reason(prov), retry_after=None)
 

@@ -156,7 +156,7 @@ class AgentStream:
         onward: Sequence[_Leg] = (),
         request: Mapping[str, Any] | None = None,
         max_continuations: int = 0,
-        budget: RequestBudget | None = None,
+        budget: RequestBudget,
     ) -> None:
         self.stream = stream
         self._head = head
@@ -226,21 +226,20 @@ class AgentStream:
             if route.client.keypool_settings.prefill is None:
                 continue  # this route cannot take the text so far as a prefill
             budget = self._budget
-            if budget is not None and budget.exhausted():
+            if budget.exhausted():
                 break  # the call's deadline or attempts are spent: the break stands
             self._left -= 1
             try:
                 client, kwargs = route.client.continuation({**self._request, "model": model}, delivered)
                 with request_budget(
-                    attempts=budget.attempts_left if budget is not None else 1_000_000,
-                    timeout=budget.remaining_time() if budget is not None else None,
+                    attempts=budget.attempts_left,
+                    timeout=budget.remaining_time(),
                     fallback=bool(self._onward),
                 ) as spent:
                     try:
                         stream = await client.chat.completions.create(**kwargs, stream=True)
                     finally:
-                        if budget is not None:
-                            budget.attempts_left -= spent.attempts_used
+                        budget.attempts_left -= spent.attempts_used
             except (openai.APIError, KeyPoolError, httpx2.TransportError):
                 continue  # refused (a 400 to the prefill, no key): the next route, else the break
             self._open.append(stream)

@@ -3,11 +3,12 @@
 A 503 or a timeout is almost always the server's, not the key's. Each key keeps the runbook's
 breaker, but a provider whose keys share one endpoint also has this view: consecutive endpoint
 failures (5xx, 408, timeouts, resets, broken streams) across its keys, with no success in between,
-open it once there are ``failure_threshold`` of them from at least two different keys (one, for a
-provider with a single key). While it is open no key of the provider is tried; when its timeout
-passes, at most ``half_open_max_calls`` trial calls run for the provider as a whole, and
-``success_threshold`` successes close it again. A failure one key shows while its siblings
-succeed never gets that far: any success resets the count, so it stays that key's.
+open it once there are ``failure_threshold`` of them from more than half of its keys (at most
+``failure_threshold`` different keys; the one key, for a provider with a single key). While it is
+open no key of the provider is tried; when its timeout passes, at most ``half_open_max_calls``
+trial calls run for the provider as a whole, and ``success_threshold`` successes close it again.
+Failures that a few keys show while their siblings succeed never get that far: any success resets
+the count, and a run on fewer keys does not open it, so they stay those keys'.
 
 It is a :class:`~keypool.CircuitBreaker` with the provider's breaker settings, fed only endpoint
 failures and successes; key-scope outcomes (429, 401/403, 402) and caller errors move nothing.
@@ -64,7 +65,7 @@ class ProviderHealth:
             b.record_success(permit)
         elif kind is OutcomeKind.FAILURE:
             self.failing_keys.add(key_id)
-            need = min(2, max(1, live_keys))
+            need = _keys_needed(live_keys, b.config.failure_threshold)
             closed = before is BreakerState.CLOSED
             if closed and b.failure_count + 1 >= b.config.failure_threshold and len(self.failing_keys) < need:
                 b.release(permit)  # one key failing alone: that key's breaker answers for it
@@ -101,6 +102,14 @@ class ProviderHealth:
     @property
     def open_reason(self) -> OpenReason | None:
         return self.breaker.snapshot().open_reason
+
+
+def _keys_needed(live_keys: int, threshold: int) -> int:
+    """How many different keys a run of endpoint failures must span to be the provider's: more
+    than half of them, and no more than ``failure_threshold`` (so a large pool is still seen as
+    out after about that many failures). A few dead keys failing side by side under concurrent
+    calls, while their siblings' successes are still on the way, then stay those keys'."""
+    return max(1, min(live_keys // 2 + 1, threshold))
 
 
 _ALWAYS = Permit(generation=-1, trial=False)  # the permit of a provider without this view

@@ -900,3 +900,21 @@ def test_a_provider_outage_opens_keys_left_half_open_so_none_looks_stuck(clock: 
     assert pool.capacity("p").provider_state == BreakerState.OPEN.label
     assert pool.key_stats("k0", "p")["state"] == "open"  # not left half-open with no trial to run
     assert pool.capacity("p").half_open == 0
+
+
+def test_two_dead_keys_failing_side_by_side_do_not_take_the_provider_out(clock: FakeClock) -> None:
+    """Concurrent calls on two dead keys of six can fail many times in a row before a sibling's
+    success lands: a run on fewer than half the keys stays those keys' (their own breakers)."""
+    from keypool import Outcome, OutcomeKind
+
+    pool = KeyPool(clock=clock, seed=1)
+    keys = [{"secret": f"sk-sidebyside-{i}-abcdef", "key_id": f"k{i}"} for i in range(6)]
+    pool.add_provider({"name": "p", "keys": keys, "breaker": {"failure_threshold": 5}})
+    healthy = {"k2", "k3", "k4", "k5"}
+    for _ in range(4):  # k0, k1, k0, k1, ...: eight failures in a row across the two
+        for dead in ("k0", "k1"):
+            lease = pool.try_acquire("p", exclude=healthy | ({"k0", "k1"} - {dead}))
+            lease.record(Outcome(OutcomeKind.FAILURE, 503))
+    assert pool.capacity("p").provider_state == "closed"
+    assert {pool.key_stats(k, "p")["state"] for k in healthy} == {"closed"}
+    assert pool.try_acquire("p", exclude={"k0", "k1"}).key_id in healthy
